@@ -1,0 +1,84 @@
+"""What every dataset reader returns, and the dataset registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from ..errors import DataError
+from ..registry import Registry
+
+
+@dataclass
+class DatasetBundle:
+    """A training pool and a test set, ready for the active-learning loop.
+
+    ``train`` and ``train_eval`` hold the same samples in the same order (pool index i is sample i of
+    both); ``train`` applies training augmentation (if any), ``train_eval`` does not and is what
+    scoring and training accuracy see. Items are ``(image tensor [C, H, W] float32, int label)``.
+    """
+
+    name: str
+    train: Dataset
+    train_eval: Dataset
+    test: Dataset
+    train_targets: np.ndarray  # int64 [N_pool]
+    test_targets: np.ndarray  # int64 [N_test]
+    num_classes: int
+    in_channels: int
+    image_size: tuple[int, int]
+    default_model: str
+
+    def __post_init__(self) -> None:
+        if len(self.train) != len(self.train_targets) or len(self.train_eval) != len(self.train):
+            raise DataError(f"{self.name}: training views and targets differ in length")
+        if len(self.test) != len(self.test_targets):
+            raise DataError(f"{self.name}: test set and its targets differ in length")
+        check_labels(self.train_targets, self.num_classes, f"{self.name} training labels")
+        check_labels(self.test_targets, self.num_classes, f"{self.name} test labels")
+
+    @property
+    def pool_size(self) -> int:
+        return len(self.train_targets)
+
+
+def check_labels(targets: np.ndarray, num_classes: int, what: str) -> None:
+    """Raise :class:`DataError` unless every label is an integer in [0, num_classes)."""
+    targets = np.asarray(targets)
+    if targets.ndim != 1:
+        raise DataError(f"{what}: expected a 1-D array of class indices, got shape {targets.shape}")
+    if targets.size and not np.issubdtype(targets.dtype, np.integer):
+        raise DataError(f"{what}: labels must be integers, got dtype {targets.dtype}")
+    if targets.size and (targets.min() < 0 or targets.max() >= num_classes):
+        bad = targets[(targets < 0) | (targets >= num_classes)]
+        raise DataError(
+            f"{what}: label {int(bad[0])} is out of range [0, {num_classes}) "
+            f"({bad.size} such labels); fix the labels or the number of classes"
+        )
+
+
+def tensor_dataset(images: np.ndarray | torch.Tensor, targets: np.ndarray) -> TensorDataset:
+    """A :class:`TensorDataset` of float32 images [N, C, H, W] and int64 labels."""
+    x = torch.as_tensor(images, dtype=torch.float32)
+    y = torch.as_tensor(np.asarray(targets), dtype=torch.int64)
+    return TensorDataset(x, y)
+
+
+Loader = Callable[[Path | None, bool], DatasetBundle]
+DATASETS: Registry[Loader] = Registry("dataset")
+
+
+def load_dataset(name: str, root: str | Path | None = None, download: bool = False) -> DatasetBundle:
+    """Load the dataset registered as ``name``.
+
+    ``root`` is where its files are (or go, with ``download=True``). Raises
+    :class:`~gradnorm_al.errors.UnknownNameError` for an unknown name and
+    :class:`~gradnorm_al.errors.DataError` when the files are missing or malformed.
+    """
+    loader = DATASETS.get(name)
+    return loader(Path(root).expanduser() if root is not None else None, download)
