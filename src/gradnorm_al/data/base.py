@@ -18,8 +18,8 @@ from ..registry import Registry
 class DatasetBundle:
     """A training pool and a test set, ready for the active-learning loop.
 
-    ``train`` and ``train_eval`` hold the same samples in the same order (pool index i is sample i of
-    both); ``train`` applies training augmentation (if any), ``train_eval`` does not and is what
+    ``train`` and ``train_eval`` hold the same samples in the same order (pool index i is
+    sample i of both); ``train`` applies training augmentation (if any), ``train_eval`` does not and is what
     scoring and training accuracy see. Items are ``(image tensor [C, H, W] float32, int label)``.
     """
 
@@ -73,7 +73,9 @@ Loader = Callable[[Path | None, bool], DatasetBundle]
 DATASETS: Registry[Loader] = Registry("dataset")
 
 
-def load_dataset(name: str, root: str | Path | None = None, download: bool = False) -> DatasetBundle:
+def load_dataset(
+    name: str, root: str | Path | None = None, download: bool = False
+) -> DatasetBundle:
     """Load the dataset registered as ``name``.
 
     ``root`` is where its files are (or go, with ``download=True``). Raises

@@ -1,0 +1,194 @@
+"""The ``gradnorm-al`` command: argument parsing, printing and exit codes only."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import GradnormALError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    return value
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    s = argparse.SUPPRESS  # only options given on the command line override the config file
+    p.add_argument("--config", metavar="FILE", default=s, help="YAML file holding any option below")
+    p.add_argument("--dataset", default=s, help="dataset name (see `gradnorm-al list`)")
+    p.add_argument("--model", default=s, help="model name (default: the dataset's default)")
+    p.add_argument(
+        "--strategy",
+        dest="strategies",
+        action="append",
+        default=s,
+        metavar="S",
+        help="strategy name; repeat to compare several on the same seeds",
+    )
+    p.add_argument("--trials", type=_positive_int, default=s, help="number of trials (default 3)")
+    p.add_argument(
+        "--cycles",
+        type=_positive_int,
+        default=s,
+        help="training cycles, the last without selection (default 7)",
+    )
+    p.add_argument(
+        "--initial-fraction",
+        type=float,
+        default=s,
+        help="initially labelled fraction of the pool (default 0.10)",
+    )
+    p.add_argument(
+        "--budget-fraction",
+        type=float,
+        default=s,
+        help="fraction of the pool labelled per cycle (default 0.05)",
+    )
+    p.add_argument(
+        "--subset-size",
+        type=_positive_int,
+        default=s,
+        help="random unlabelled candidates scored per cycle (default: all)",
+    )
+    p.add_argument("--epochs", type=_positive_int, default=s, help="epochs per cycle (default 200)")
+    p.add_argument("--lr", type=float, default=s, help="SGD learning rate (default 0.1)")
+    p.add_argument("--momentum", type=float, default=s, help="SGD momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=float, default=s, help="weight decay (default 5e-4)")
+    p.add_argument(
+        "--milestones",
+        type=_positive_int,
+        nargs="+",
+        default=s,
+        metavar="EPOCH",
+        help="epochs at which the lr is multiplied by --gamma (default: 80%% of epochs)",
+    )
+    p.add_argument("--gamma", type=float, default=s, help="lr decay factor (default 0.1)")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=s, help="training batch (default 128)"
+    )
+    p.add_argument(
+        "--score-batch-size",
+        type=_positive_int,
+        default=s,
+        help="batch size for scoring candidates (default 128)",
+    )
+    p.add_argument(
+        "--norm",
+        choices=["tensor-sum", "l2"],
+        default=s,
+        help="gradnorm aggregation: tensor-sum (published code, default) or l2 (Eq. 5)",
+    )
+    p.add_argument(
+        "--reinit-each-cycle",
+        action="store_true",
+        default=s,
+        help="train a fresh model every cycle (default: keep it, as published)",
+    )
+    p.add_argument(
+        "--seed", type=_positive_int, default=s, help="trial t uses seed + t (default 0)"
+    )
+    p.add_argument("--device", default=s, help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--data-root", default=s, metavar="DIR", help="where the dataset files are")
+    p.add_argument(
+        "--download",
+        action="store_true",
+        default=s,
+        help="download the dataset into --data-root if missing (needs network)",
+    )
+
+
+def _add_output_options(p: argparse.ArgumentParser, default_out: str) -> None:
+    p.add_argument(
+        "--out",
+        default=default_out,
+        metavar="DIR",
+        help=f"run folder to write (default {default_out})",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="gradnorm-al",
+        description="Deep active learning by per-sample gradient norms (Wang et al., AAAI 2022).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    demo = sub.add_parser("demo", help="run the embedded digits demo (a few minutes on a CPU)")
+    _add_output_options(demo, "gradnorm-al-demo")
+    run = sub.add_parser("run", help="run Algorithm 1 for one or more strategies")
+    _add_run_options(run)
+    _add_output_options(run, "gradnorm-al-run")
+    sub.add_parser("list", help="list the known datasets, models and strategies")
+    return parser
+
+
+def _run(config, args: argparse.Namespace) -> int:
+    from .experiment import run_experiment
+
+    def log(message: str) -> None:
+        if not args.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    result = run_experiment(
+        config, Path(args.out), overwrite=args.overwrite, progress=not args.quiet, log=log
+    )
+    print(result.table, end="")
+    print(
+        f"wrote {result.out_dir}/ (results.csv, selections.jsonl, summary.md, curves.png, "
+        f"config.yaml) in {result.seconds:.1f}s"
+    )
+    return 0
+
+
+def _list() -> int:
+    from . import DATASETS, MODELS, STRATEGIES
+
+    for kind, registry in (("datasets", DATASETS), ("models", MODELS), ("strategies", STRATEGIES)):
+        print(f"{kind}: {', '.join(registry.names())}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            return _list()
+        from .experiment.config import ExperimentConfig, demo_config
+
+        if args.command == "demo":
+            return _run(demo_config(), args)
+        options = {
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("command", "config", "out", "overwrite", "quiet")
+        }
+        base = ExperimentConfig.from_yaml(args.config) if hasattr(args, "config") else None
+        return _run(ExperimentConfig.from_dict(options, base), args)
+    except GradnormALError as exc:
+        print(f"gradnorm-al: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("gradnorm-al: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

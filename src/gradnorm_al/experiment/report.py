@@ -1,0 +1,127 @@
+"""Summaries of a run: accuracy per labelled fraction, area under the learning curve, a plot."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..atomic import atomic_open, atomic_write_text
+
+
+@dataclass
+class StrategySummary:
+    """Mean and spread over trials of one strategy's learning curve.
+
+    ``auc`` per trial is the area under test accuracy vs labelled fraction (trapezoids), divided by
+    the fraction range: the curve's average accuracy, in [0, 1]. Spreads are sample standard
+    deviations over trials (0 with one trial).
+    """
+
+    strategy: str
+    fractions: np.ndarray  # [cycles] labelled fraction per cycle
+    accuracy: np.ndarray  # [trials, cycles] test accuracy
+    auc: np.ndarray  # [trials]
+
+    @property
+    def trials(self) -> int:
+        return self.accuracy.shape[0]
+
+
+def area_under_curve(fractions: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
+    """Normalised area under each row of ``accuracy`` [trials, cycles] against ``fractions``."""
+    if len(fractions) < 2:
+        return accuracy[:, 0].copy()
+    return np.trapezoid(accuracy, fractions, axis=1) / (fractions[-1] - fractions[0])
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[StrategySummary]:
+    """Per-strategy summaries from results rows, strategies in order of first appearance.
+
+    Only trials that finished every cycle seen for the strategy are used.
+    """
+    by_strategy: dict[str, dict[int, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for row in rows:
+        by_strategy[row["strategy"]][row["trial"]][row["cycle"]] = row
+    summaries = []
+    for strategy, trials in by_strategy.items():
+        cycles = max(len(c) for c in trials.values())
+        complete = [t for t in sorted(trials) if len(trials[t]) == cycles]
+        if not complete:
+            continue
+        acc = np.array([[trials[t][c]["test_accuracy"] for c in range(cycles)] for t in complete])
+        fractions = np.array([trials[complete[0]][c]["labeled_fraction"] for c in range(cycles)])
+        summaries.append(
+            StrategySummary(strategy, fractions, acc, area_under_curve(fractions, acc))
+        )
+    return summaries
+
+
+def _mean_std(values: np.ndarray) -> str:
+    std = values.std(ddof=1) if len(values) > 1 else 0.0
+    return f"{100 * values.mean():.1f} ± {100 * std:.1f}"
+
+
+def format_table(summaries: list[StrategySummary]) -> str:
+    """A markdown table: test accuracy (%) mean ± std per labelled fraction, then the AUC."""
+    if not summaries:
+        return "(no finished trials)\n"
+    fractions = summaries[0].fractions
+    header = ["strategy", *[f"{100 * f:.0f}%" for f in fractions], "AUC"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for s in summaries:
+        cells = [s.strategy]
+        cells += [_mean_std(s.accuracy[:, c]) for c in range(s.accuracy.shape[1])]
+        cells.append(_mean_std(s.auc))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_markdown(summaries: list[StrategySummary], config: dict[str, Any]) -> str:
+    trials = sorted({s.trials for s in summaries})
+    model = config.get("model") or "(dataset default)"
+    return (
+        f"# gradnorm-al results: {config.get('dataset')}\n\n"
+        f"Model {model}; {config.get('epochs')} epochs per cycle; "
+        f"{', '.join(map(str, trials))} trial(s); seeds from {config.get('seed')}.\n\n"
+        "Test accuracy (%) by labelled fraction of the pool, mean ± sample std over trials. "
+        "AUC: area under the learning curve divided by the fraction range (the curve's mean "
+        "accuracy, %).\n\n" + format_table(summaries)
+    )
+
+
+def plot_curves(summaries: list[StrategySummary], path: Path, title: str = "") -> None:
+    """Test accuracy vs labelled fraction, mean line and ± std band per strategy, to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for s in summaries:
+        mean = 100 * s.accuracy.mean(axis=0)
+        std = 100 * (s.accuracy.std(axis=0, ddof=1) if s.trials > 1 else np.zeros_like(mean))
+        x = 100 * s.fractions
+        (line,) = ax.plot(x, mean, marker="o", markersize=3, label=f"{s.strategy} (n={s.trials})")
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel("labelled fraction of the pool (%)")
+    ax.set_ylabel("test accuracy (%)")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format="png")
+    plt.close(fig)
+
+
+def write_summary(rows: list[dict[str, Any]], config: dict[str, Any], out_dir: Path) -> str:
+    """Write summary.md and curves.png into ``out_dir``; return the printed table."""
+    summaries = summarise(rows)
+    atomic_write_text(out_dir / "summary.md", summary_markdown(summaries, config))
+    plot_curves(summaries, out_dir / "curves.png", title=str(config.get("dataset", "")))
+    return format_table(summaries)

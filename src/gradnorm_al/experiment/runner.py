@@ -1,0 +1,149 @@
+"""Run an experiment: every strategy x trial on the same seeds, results written as they come."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from ..atomic import atomic_write_text
+from ..data import DatasetBundle, load_dataset
+from ..errors import ConfigError, RunDirectoryError
+from ..loop import run_trial
+from ..models import MODELS, create_model
+from ..pergrad.common import check_norm
+from ..strategies import STRATEGIES, accepted_params, create_strategy
+from .config import ExperimentConfig
+from .report import write_summary
+from .results import RESULTS_FILE, SELECTIONS_FILE, ResultsStore
+
+CONFIG_FILE = "config.yaml"
+RUN_FILES = (CONFIG_FILE, RESULTS_FILE, SELECTIONS_FILE, "summary.md", "curves.png")
+
+
+@dataclass
+class ExperimentResult:
+    out_dir: Path
+    rows: list[dict]
+    table: str
+    seconds: float
+
+
+def resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("CUDA is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {name!r}; use 'cpu', 'cuda' or 'cuda:N'")
+    return device
+
+
+def validate_names(config: ExperimentConfig) -> None:
+    """Fail fast, before any data is read, on unknown names and bad strategy parameters."""
+    for name in config.strategies:
+        STRATEGIES.get(name)
+        unknown = set(config.strategy_params.get(name, {})) - accepted_params(name)
+        if unknown:
+            raise ConfigError(
+                f"strategy {name} does not take {', '.join(sorted(unknown))}; "
+                f"it takes: {', '.join(sorted(accepted_params(name))) or 'no parameters'}"
+            )
+    for name in config.strategy_params:
+        if name not in config.strategies:
+            raise ConfigError(f"strategy_params names {name!r}, which is not among the strategies")
+    if config.model is not None:
+        MODELS.get(config.model)
+    check_norm(config.norm)
+    if config.norm == "per-tensor":
+        raise ConfigError("norm must be 'tensor-sum' or 'l2'")
+
+
+def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder holding another run unless ``overwrite``; then clear that run's files."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunDirectoryError(f"output path {out_dir} exists and is not a folder")
+    existing = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise RunDirectoryError(
+            f"{out_dir} already holds a run ({', '.join(existing)}); choose another --out or "
+            "pass --overwrite"
+        )
+    for name in existing:
+        (out_dir / name).unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def strategy_kwargs(config: ExperimentConfig, name: str) -> dict:
+    params = dict(config.strategy_params.get(name, {}))
+    if "norm" in accepted_params(name):
+        params.setdefault("norm", config.norm)
+    return params
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda _msg: None,
+    bundle: DatasetBundle | None = None,
+) -> ExperimentResult:
+    """Run every strategy of ``config`` for every trial and write the run folder.
+
+    All strategies of trial t use seed ``config.seed + t`` (same initial pool, same initial
+    model). results.csv and selections.jsonl are rewritten atomically after every cycle;
+    config.yaml first; summary.md and curves.png at the end. ``bundle`` overrides loading
+    ``config.dataset`` (for tests and custom data).
+    """
+    started = time.perf_counter()
+    config.check_types()
+    validate_names(config)
+    device = resolve_device(config.device)
+    out = Path(out_dir)
+    if bundle is None:
+        bundle = load_dataset(config.dataset, config.data_root, config.download)
+    loop, train = config.loop_config(), config.train_config()
+    loop.validate(bundle.pool_size)
+    strategies = {
+        name: create_strategy(name, **strategy_kwargs(config, name)) for name in config.strategies
+    }
+    model_name = config.model or bundle.default_model
+    model_factory = partial(
+        create_model, model_name, num_classes=bundle.num_classes, in_channels=bundle.in_channels
+    )
+    prepare_out_dir(out, overwrite)
+    atomic_write_text(out / CONFIG_FILE, config.to_yaml())
+    store = ResultsStore(out)
+    log(
+        f"{bundle.name}: pool {bundle.pool_size}, test {len(bundle.test)}, model {model_name}, "
+        f"budget {loop.budget(bundle.pool_size)} per cycle, {config.cycles} cycles, "
+        f"{config.trials} trial(s), device {device}"
+    )
+    for trial in range(config.trials):
+        for name, strategy in strategies.items():
+            t0 = time.perf_counter()
+            records = run_trial(
+                bundle=bundle,
+                model_factory=model_factory,
+                strategy=strategy,
+                strategy_name=name,
+                trial=trial,
+                seed=config.seed + trial,
+                loop=loop,
+                train=train,
+                device=device,
+                progress=progress,
+                on_cycle=store.add,
+            )
+            accs = " ".join(f"{100 * r.test_accuracy:.1f}" for r in records)
+            log(f"trial {trial} {name}: test accuracy {accs} ({time.perf_counter() - t0:.1f}s)")
+    table = write_summary(store.rows, config.to_dict(), out)
+    return ExperimentResult(out, store.rows, table, time.perf_counter() - started)

@@ -1,0 +1,176 @@
+"""Algorithm 1 for one trial of one strategy: train, evaluate, select, repeat."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import DatasetBundle
+from .errors import ConfigError
+from .pool import Pool, initial_count
+from .seeding import INIT_POOL, MODEL_INIT, STRATEGY, SUBSET, TRAIN, derive_seed, rng
+from .strategies import SelectionContext, Strategy
+from .train import TrainConfig, accuracy, fit
+
+
+@dataclass
+class LoopConfig:
+    """The active-learning schedule.
+
+    ``cycles`` trainings; before each but the last, ``budget`` = round(budget_fraction * pool)
+    samples are chosen from ``subset_size`` random unlabelled candidates (None = all of them).
+    ``reinit_each_cycle=False`` keeps the model between cycles (the published warm start).
+    """
+
+    cycles: int = 7
+    initial_fraction: float = 0.10
+    budget_fraction: float = 0.05
+    subset_size: int | None = None
+    reinit_each_cycle: bool = False
+    score_batch_size: int = 128
+
+    def budget(self, pool_size: int) -> int:
+        return max(1, round(self.budget_fraction * pool_size))
+
+    def validate(self, pool_size: int) -> None:
+        """Raise ConfigError unless the schedule fits a pool of ``pool_size`` samples."""
+        if self.cycles < 1:
+            raise ConfigError(f"cycles must be at least 1, got {self.cycles}")
+        for name in ("initial_fraction", "budget_fraction"):
+            value = getattr(self, name)
+            if not 0.0 < value <= 1.0:
+                raise ConfigError(f"{name.replace('_', '-')} must be in (0, 1], got {value}")
+        if self.subset_size is not None and self.subset_size < 1:
+            raise ConfigError(f"subset-size must be at least 1, got {self.subset_size}")
+        if self.cycles == 1:
+            return
+        start, k = initial_count(pool_size, self.initial_fraction), self.budget(pool_size)
+        left = pool_size - start - (self.cycles - 2) * k  # unlabelled before the last selection
+        if k > left:
+            raise ConfigError(
+                f"budget {k} ({self.budget_fraction:g} of {pool_size}) is larger than the "
+                f"unlabelled pool at the last selection ({max(left, 0)} left after "
+                f"{self.cycles - 1} selections); lower --budget-fraction, --initial-fraction "
+                "or --cycles"
+            )
+        if self.subset_size is not None and self.subset_size < k:
+            raise ConfigError(
+                f"subset-size {self.subset_size} is smaller than the budget {k}; raise "
+                "--subset-size or lower --budget-fraction"
+            )
+
+
+@dataclass
+class CycleRecord:
+    """One row of results.csv plus the indices this cycle's selection added (None in the last)."""
+
+    strategy: str
+    trial: int
+    cycle: int
+    num_labeled: int
+    labeled_fraction: float
+    test_accuracy: float
+    train_accuracy: float
+    train_seconds: float
+    select_seconds: float | None
+    seed: int
+    selected: np.ndarray | None = None
+
+
+def run_trial(
+    *,
+    bundle: DatasetBundle,
+    model_factory: Callable[[], nn.Module],
+    strategy: Strategy,
+    strategy_name: str,
+    trial: int,
+    seed: int,
+    loop: LoopConfig,
+    train: TrainConfig,
+    device: torch.device,
+    progress: bool = False,
+    on_cycle: Callable[[CycleRecord], None] | None = None,
+) -> list[CycleRecord]:
+    """Run Algorithm 1 for one strategy in one trial and return one record per cycle.
+
+    Every random choice is seeded from ``seed`` (see :mod:`gradnorm_al.seeding`), so all strategies
+    of a trial start from the same labelled pool and the same initial model.
+    """
+    n = bundle.pool_size
+    loop.validate(n)
+    k = loop.budget(n)
+    pool = Pool.initial(n, loop.initial_fraction, rng(seed, INIT_POOL))
+    model: nn.Module | None = None
+    records = []
+    for cycle in range(loop.cycles):
+        if model is None or loop.reinit_each_cycle:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(
+                    derive_seed(seed, MODEL_INIT, cycle if loop.reinit_each_cycle else 0)
+                )
+                model = model_factory().to(device)
+        labeled = pool.labeled()
+        tag = f"{strategy_name} t{trial} c{cycle}"
+        started = time.perf_counter()
+        fit(
+            model,
+            bundle.train,
+            labeled,
+            train,
+            device=device,
+            seed=derive_seed(seed, TRAIN, cycle),
+            progress=progress,
+            desc=f"train {tag}",
+        )
+        train_seconds = time.perf_counter() - started
+        test_acc = accuracy(model, bundle.test, device=device, batch_size=train.eval_batch_size)
+        train_acc = accuracy(
+            model, bundle.train_eval, labeled, device=device, batch_size=train.eval_batch_size
+        )
+        selected, select_seconds = None, None
+        if cycle < loop.cycles - 1:
+            unlabeled = pool.unlabeled()
+            candidates = unlabeled
+            if loop.subset_size is not None and loop.subset_size < len(unlabeled):
+                candidates = np.sort(
+                    rng(seed, SUBSET, cycle).choice(unlabeled, loop.subset_size, replace=False)
+                )
+            ctx = SelectionContext(
+                model=model,
+                pool=bundle.train_eval,
+                candidates=candidates,
+                labeled=labeled,
+                num_classes=bundle.num_classes,
+                device=device,
+                rng=rng(seed, STRATEGY, cycle),
+                batch_size=loop.score_batch_size,
+                progress=progress,
+            )
+            started = time.perf_counter()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(seed, STRATEGY, cycle))
+                selected = strategy(ctx, k)
+            select_seconds = time.perf_counter() - started
+            pool.label(selected, cycle + 1)
+        record = CycleRecord(
+            strategy=strategy_name,
+            trial=trial,
+            cycle=cycle,
+            num_labeled=len(labeled),
+            labeled_fraction=len(labeled) / n,
+            test_accuracy=test_acc,
+            train_accuracy=train_acc,
+            train_seconds=train_seconds,
+            select_seconds=select_seconds,
+            seed=seed,
+            selected=selected,
+        )
+        records.append(record)
+        if on_cycle is not None:
+            on_cycle(record)
+    return records

@@ -1,0 +1,26 @@
+"""Selection strategies, one module per family, behind one registry."""
+
+from . import gradnorm, random  # noqa: F401  (register the strategies)
+from .base import (
+    STRATEGIES,
+    ScoringStrategy,
+    SelectionContext,
+    Strategy,
+    accepted_params,
+    create_strategy,
+    top_k,
+)
+from .gradnorm import entropy_loss, expected_ce_loss, gradnorm_scores
+
+__all__ = [
+    "STRATEGIES",
+    "ScoringStrategy",
+    "SelectionContext",
+    "Strategy",
+    "accepted_params",
+    "create_strategy",
+    "entropy_loss",
+    "expected_ce_loss",
+    "gradnorm_scores",
+    "top_k",
+]

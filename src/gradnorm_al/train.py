@@ -1,0 +1,117 @@
+"""Fit and evaluate a classification task model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .data.batching import iter_batches
+from .pergrad import first_output
+
+
+@dataclass
+class TrainConfig:
+    """SGD with momentum and weight decay, step decay at ``milestones`` (epochs) by ``gamma``.
+
+    ``milestones=None`` means one milestone at 80% of the epochs (160 of 200, as published).
+    """
+
+    epochs: int = 200
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: list[int] | None = None
+    gamma: float = 0.1
+    batch_size: int = 128
+    eval_batch_size: int = 256
+
+    def resolved_milestones(self) -> list[int]:
+        if self.milestones is None:
+            return [max(1, round(0.8 * self.epochs))]
+        return list(self.milestones)
+
+
+def fit(
+    model: nn.Module,
+    dataset: Dataset,
+    indices: np.ndarray,
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    seed: int,
+    progress: bool = False,
+    desc: str = "train",
+) -> None:
+    """Train ``model`` on ``dataset[indices]`` for ``cfg.epochs`` epochs; a fresh optimizer and
+    schedule each call (the published warm start re-creates them every cycle).
+
+    ``seed`` fixes batch order and any randomness in the model (dropout, augmentation in the
+    default process). A batch of a single sample is skipped: BatchNorm cannot train on it.
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=cfg.resolved_milestones(), gamma=cfg.gamma
+    )
+    model.train()
+    epochs = tqdm(range(cfg.epochs), desc=desc, leave=False, unit="epoch", disable=not progress)
+    for _ in epochs:
+        for x, y in iter_batches(
+            dataset, cfg.batch_size, indices, shuffle=True, generator=generator
+        ):
+            if len(x) < 2:
+                continue
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = F.cross_entropy(first_output(model(x)), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    model.eval()
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    dataset: Dataset,
+    indices: np.ndarray | None = None,
+    *,
+    device: torch.device,
+    batch_size: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted classes, true targets) over ``dataset[indices]`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    preds, targets = [], []
+    try:
+        for x, y in iter_batches(dataset, batch_size, indices):
+            preds.append(first_output(model(x.to(device))).argmax(dim=1).cpu())
+            targets.append(y)
+    finally:
+        model.train(was_training)
+    if not preds:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return torch.cat(preds).numpy(), torch.cat(targets).numpy()
+
+
+def accuracy(
+    model: nn.Module,
+    dataset: Dataset,
+    indices: np.ndarray | None = None,
+    *,
+    device: torch.device,
+    batch_size: int = 256,
+) -> float:
+    """Top-1 accuracy in [0, 1] of ``model`` on ``dataset[indices]`` (all if None), eval mode."""
+    pred, target = predict(model, dataset, indices, device=device, batch_size=batch_size)
+    return float((pred == target).mean()) if len(target) else float("nan")
