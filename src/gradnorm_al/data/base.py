@@ -19,8 +19,8 @@ class DatasetBundle:
     """A training pool and a test set, ready for the active-learning loop.
 
     ``train`` and ``train_eval`` hold the same samples in the same order (pool index i is
-    sample i of both); ``train`` applies training augmentation (if any), ``train_eval`` does not and is what
-    scoring and training accuracy see. Items are ``(image tensor [C, H, W] float32, int label)``.
+    sample i of both); ``train`` applies training augmentation (if any), ``train_eval`` does not
+    and is what scoring and training accuracy see. Items are ``(image [C, H, W] float32, label)``.
     """
 
     name: str
