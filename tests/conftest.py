@@ -1,0 +1,68 @@
+"""Shared fixtures: small real data (a slice of scikit-learn's digits) and tiny models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gradnorm_al.data import DatasetBundle, load_dataset, tensor_dataset
+
+
+@pytest.fixture(scope="session")
+def digits() -> DatasetBundle:
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def small_digits(digits: DatasetBundle) -> DatasetBundle:
+    """The first 300 pool images and 120 test images of digits: fast loops on real data."""
+    x_tr, y_tr = digits.train.tensors
+    x_te, y_te = digits.test.tensors
+    train = tensor_dataset(x_tr[:300], y_tr[:300].numpy())
+    test = tensor_dataset(x_te[:120], y_te[:120].numpy())
+    return DatasetBundle(
+        name="digits-small",
+        train=train,
+        train_eval=train,
+        test=test,
+        train_targets=y_tr[:300].numpy(),
+        test_targets=y_te[:120].numpy(),
+        num_classes=10,
+        in_channels=1,
+        image_size=(8, 8),
+        default_model="smallcnn",
+    )
+
+
+class TwoHeads(nn.Module):
+    """An MLP with an unused auxiliary head (its parameters get no gradient) and a tuple output."""
+
+    def __init__(self, d_in: int = 12, num_classes: int = 5) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(d_in, 16), nn.BatchNorm1d(16), nn.ReLU(inplace=True))
+        self.head = nn.Linear(16, num_classes)
+        self.unused_head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)
+        return self.head(h), h
+
+
+def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give BatchNorm layers non-trivial running statistics and affine parameters."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return model
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
