@@ -42,8 +42,15 @@ def test_summary_skips_unfinished_trials_and_formats_mean_and_std():
     rows = []
     for trial, accs in enumerate([[0.5, 0.7], [0.7, 0.9], [0.6]]):
         for cycle, acc in enumerate(accs):
-            rows.append({"strategy": "s", "trial": trial, "cycle": cycle,
-                         "labeled_fraction": [0.1, 0.2][cycle], "test_accuracy": acc})
+            rows.append(
+                {
+                    "strategy": "s",
+                    "trial": trial,
+                    "cycle": cycle,
+                    "labeled_fraction": [0.1, 0.2][cycle],
+                    "test_accuracy": acc,
+                }
+            )
     (s,) = summarise(rows)
     assert s.trials == 2
     np.testing.assert_allclose(s.auc, [0.6, 0.8])
@@ -53,14 +60,20 @@ def test_summary_skips_unfinished_trials_and_formats_mean_and_std():
 
 def test_run_experiment_writes_results_after_every_cycle(tmp_path, small_digits):
     seen = []
-    cfg = ExperimentConfig(strategies=["random", "expected-gradnorm"], trials=2, cycles=3,
-                           epochs=1, batch_size=32)
-    result = run_experiment(cfg, tmp_path / "run", progress=False, log=seen.append,
-                            bundle=small_digits)
+    cfg = ExperimentConfig(
+        strategies=["random", "expected-gradnorm"], trials=2, cycles=3, epochs=1, batch_size=32
+    )
+    result = run_experiment(
+        cfg, tmp_path / "run", progress=False, log=seen.append, bundle=small_digits
+    )
     rows = read_results(tmp_path / "run" / "results.csv")
     assert len(rows) == 2 * 2 * 3 == len(result.rows)
     assert [(r["trial"], r["strategy"], r["cycle"]) for r in rows[:4]] == [
-        (0, "random", 0), (0, "random", 1), (0, "random", 2), (0, "expected-gradnorm", 0)]
+        (0, "random", 0),
+        (0, "random", 1),
+        (0, "random", 2),
+        (0, "expected-gradnorm", 0),
+    ]
     assert all(r["seed"] == r["trial"] for r in rows)
     assert rows[0]["test_accuracy"] == rows[3]["test_accuracy"]  # same start per trial
     assert sum("test accuracy" in line for line in seen) == 4

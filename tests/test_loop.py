@@ -30,9 +30,15 @@ class Recorder(Strategy):
 def _run(bundle, strategy, seed=0, loop=None, factory=None, name="s"):
     factory = factory or partial(create_model, "smallcnn", num_classes=10, in_channels=1)
     return run_trial(
-        bundle=bundle, model_factory=factory, strategy=strategy, strategy_name=name, trial=0,
-        seed=seed, loop=loop or LoopConfig(cycles=4, initial_fraction=0.1, budget_fraction=0.05),
-        train=TRAIN, device=torch.device("cpu"),
+        bundle=bundle,
+        model_factory=factory,
+        strategy=strategy,
+        strategy_name=name,
+        trial=0,
+        seed=seed,
+        loop=loop or LoopConfig(cycles=4, initial_fraction=0.1, budget_fraction=0.05),
+        train=TRAIN,
+        device=torch.device("cpu"),
     )
 
 
@@ -71,8 +77,10 @@ def test_same_initial_pool_and_model_for_every_strategy_in_a_trial(small_digits)
 
 def test_same_seed_same_results(small_digits):
     def summary(records):
-        return [(r.test_accuracy, r.train_accuracy,
-                 None if r.selected is None else r.selected.tolist()) for r in records]
+        return [
+            (r.test_accuracy, r.train_accuracy, None if r.selected is None else r.selected.tolist())
+            for r in records
+        ]
 
     for name in ("random", "entropy-gradnorm"):
         first = _run(small_digits, create_strategy(name), seed=5)
@@ -109,7 +117,10 @@ def test_warm_start_keeps_the_model_and_reinit_builds_a_fresh_one(small_digits):
         ({"cycles": 0}, "cycles must be at least 1"),
         ({"initial_fraction": 0.0}, r"initial-fraction must be in \(0, 1\]"),
         ({"budget_fraction": 1.5}, r"budget-fraction must be in \(0, 1\]"),
-        ({"initial_fraction": 0.9, "budget_fraction": 0.2, "cycles": 3}, "larger than the unlabelled"),
+        (
+            {"initial_fraction": 0.9, "budget_fraction": 0.2, "cycles": 3},
+            "larger than the unlabelled",
+        ),
         ({"subset_size": 5}, "smaller than the budget"),
     ],
 )

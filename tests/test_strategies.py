@@ -12,9 +12,13 @@ from gradnorm_al.strategies import SelectionContext, Strategy, top_k
 
 def _ctx(candidates, labeled=(), seed=0, model=None, pool=None):
     return SelectionContext(
-        model=model, pool=pool, candidates=np.asarray(candidates, dtype=np.int64),
-        labeled=np.asarray(labeled, dtype=np.int64), num_classes=10,
-        device=torch.device("cpu"), rng=np.random.default_rng(seed),
+        model=model,
+        pool=pool,
+        candidates=np.asarray(candidates, dtype=np.int64),
+        labeled=np.asarray(labeled, dtype=np.int64),
+        num_classes=10,
+        device=torch.device("cpu"),
+        rng=np.random.default_rng(seed),
     )
 
 
@@ -79,4 +83,7 @@ def test_gradnorm_strategy_selects_the_largest_scores(small_digits):
     x = small_digits.train_eval.tensors[0][cands]
     scores = gradnorm_scores(model, x, norm="l2").numpy()
     assert set(chosen.tolist()) == set(cands[np.argsort(-scores)[:7]].tolist())
-    assert scores[np.isin(cands, chosen)].min() >= np.delete(scores, np.isin(cands, chosen).nonzero()[0]).max()
+    assert (
+        scores[np.isin(cands, chosen)].min()
+        >= np.delete(scores, np.isin(cands, chosen).nonzero()[0]).max()
+    )

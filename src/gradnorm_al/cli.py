@@ -20,12 +20,12 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-def _positive_int(text: str) -> int:
+def _int(text: str) -> int:
+    # ranges are checked in one place, ExperimentConfig.check_types, for the CLI and YAML alike
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    return value
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -41,10 +41,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="strategy name; repeat to compare several on the same seeds",
     )
-    p.add_argument("--trials", type=_positive_int, default=s, help="number of trials (default 3)")
+    p.add_argument("--trials", type=_int, default=s, help="number of trials (default 3)")
     p.add_argument(
         "--cycles",
-        type=_positive_int,
+        type=_int,
         default=s,
         help="training cycles, the last without selection (default 7)",
     )
@@ -62,29 +62,27 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--subset-size",
-        type=_positive_int,
+        type=_int,
         default=s,
         help="random unlabelled candidates scored per cycle (default: all)",
     )
-    p.add_argument("--epochs", type=_positive_int, default=s, help="epochs per cycle (default 200)")
+    p.add_argument("--epochs", type=_int, default=s, help="epochs per cycle (default 200)")
     p.add_argument("--lr", type=float, default=s, help="SGD learning rate (default 0.1)")
     p.add_argument("--momentum", type=float, default=s, help="SGD momentum (default 0.9)")
     p.add_argument("--weight-decay", type=float, default=s, help="weight decay (default 5e-4)")
     p.add_argument(
         "--milestones",
-        type=_positive_int,
+        type=_int,
         nargs="+",
         default=s,
         metavar="EPOCH",
         help="epochs at which the lr is multiplied by --gamma (default: 80%% of epochs)",
     )
     p.add_argument("--gamma", type=float, default=s, help="lr decay factor (default 0.1)")
-    p.add_argument(
-        "--batch-size", type=_positive_int, default=s, help="training batch (default 128)"
-    )
+    p.add_argument("--batch-size", type=_int, default=s, help="training batch (default 128)")
     p.add_argument(
         "--score-batch-size",
-        type=_positive_int,
+        type=_int,
         default=s,
         help="batch size for scoring candidates (default 128)",
     )
@@ -100,9 +98,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         default=s,
         help="train a fresh model every cycle (default: keep it, as published)",
     )
-    p.add_argument(
-        "--seed", type=_positive_int, default=s, help="trial t uses seed + t (default 0)"
-    )
+    p.add_argument("--seed", type=_int, default=s, help="trial t uses seed + t (default 0)")
     p.add_argument("--device", default=s, help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--data-root", default=s, metavar="DIR", help="where the dataset files are")
     p.add_argument(

@@ -55,7 +55,9 @@ class ExperimentConfig:
         for key, value in values.items():
             name = str(key).replace("-", "_")
             if name == "strategy":  # singular accepted for convenience
-                name, value = "strategies", [value] if isinstance(value, str) else value
+                name = "strategies"
+            if name == "strategies" and isinstance(value, str):
+                value = [value]
             if name not in known:
                 raise ConfigError(
                     f"unknown option {key!r}; known options: {', '.join(sorted(known))}"
@@ -68,8 +70,10 @@ class ExperimentConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, base: ExperimentConfig | None = None) -> ExperimentConfig:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
+        if not path.is_file():
+            raise ConfigError(f"config file {path} is not a file; give a YAML file")
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:

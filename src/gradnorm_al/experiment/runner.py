@@ -75,9 +75,14 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
             f"{out_dir} already holds a run ({', '.join(existing)}); choose another --out or "
             "pass --overwrite"
         )
-    for name in existing:
-        (out_dir / name).unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        for name in existing:
+            (out_dir / name).unlink()
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirectoryError(
+            f"cannot use output folder {out_dir}: {err.strerror or err}"
+        ) from None
 
 
 def strategy_kwargs(config: ExperimentConfig, name: str) -> dict:
