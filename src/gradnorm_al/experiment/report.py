@@ -101,11 +101,24 @@ def plot_curves(summaries: list[StrategySummary], path: Path, title: str = "") -
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for s in summaries:
+    styles = [
+        "-",
+        "--",
+        ":",
+        "-.",
+    ]  # strategies that tie (e.g. the two gradnorm schemes) stay visible
+    for i, s in enumerate(summaries):
         mean = 100 * s.accuracy.mean(axis=0)
         std = 100 * (s.accuracy.std(axis=0, ddof=1) if s.trials > 1 else np.zeros_like(mean))
         x = 100 * s.fractions
-        (line,) = ax.plot(x, mean, marker="o", markersize=3, label=f"{s.strategy} (n={s.trials})")
+        (line,) = ax.plot(
+            x,
+            mean,
+            linestyle=styles[i % len(styles)],
+            marker="o",
+            markersize=3,
+            label=f"{s.strategy} (n={s.trials})",
+        )
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("labelled fraction of the pool (%)")
     ax.set_ylabel("test accuracy (%)")
