@@ -1,4 +1,4 @@
-"""Batched per-sample gradient norms with ``torch.func`` (vmap over grad).
+"""Per-sample gradient norms with ``torch.func`` (vmap over grad): the engine's exact fallback.
 
 Exact for any model whose samples do not interact in eval mode. It materialises the per-sample
 gradients of one chunk at a time, so memory is bounded by ``chunk_size`` x number of parameters.
@@ -16,7 +16,7 @@ from .common import LossFn, check_norm, eval_mode, first_output, reduce_squared_
 DEFAULT_CHUNK_BYTES = 512 * 2**20
 
 
-def per_sample_grad_norms(
+def per_sample_grad_norms_functional(
     model: nn.Module,
     inputs: torch.Tensor,
     loss_fn: LossFn,

@@ -1,0 +1,237 @@
+"""Throughput of per-sample gradient-norm scoring: batched engine vs. batch-size-1 loop vs. a step.
+
+Usage::
+
+    python benchmarks/scoring.py --model smallcnn|resnet18-cifar [--device cpu|cuda] [--n N]
+        [--batch-size B] [--repeats R] [--threads T] [--loop-n M]
+
+Three methods are timed on the same model (random seeded weights, BatchNorm running statistics
+randomised a little, eval mode, float32) and the same random-normal inputs (1x28x28 for
+``smallcnn``, 3x32x32 for ``resnet18-cifar``), with the entropy loss of the GradNorm strategy:
+
+(a) ``loop``: :func:`gradnorm_al.pergrad.per_sample_grad_norms_loop`, one backward per sample. It
+    is slow, so it runs on the first ``M`` samples only (``--loop-n``; default ``min(N, 64)`` on
+    CPU, ``min(N, 256)`` on CUDA) and is converted to samples/s.
+(b) ``engine``: :func:`gradnorm_al.pergrad.per_sample_grad_norms` on every batch of ``B`` samples
+    (``chunk_size=B``) over all ``N`` samples.
+(c) ``train-step``: the floor. A plain batched forward and ``entropy_loss(out).sum().backward()``
+    in eval mode on the same batches, grads zeroed (set to None) between batches: what one
+    training step costs.
+
+The methods are interleaved: one warm-up round of a, b, c, then ``R`` rounds of a, b, c, so that
+machine noise hits all three alike; each method's time is the median over its ``R`` rounds. Before
+timing, engine and loop are compared on the loop's subset; the script exits with status 1 when the
+median relative difference exceeds 1e-3, so a broken engine cannot post a fast number silently.
+
+The last line printed is one JSON object with the rates, ``loop_over_engine`` (loop time per
+sample / engine time per sample: how many times faster the engine is) and
+``engine_over_train_step`` (engine time per sample / train-step time per sample; <= 1.0 means the
+engine is cheaper than a training step).
+
+Targets (from the issue):
+
+* ``engine_over_train_step <= 1.0`` for ``smallcnn`` and ``resnet18-cifar`` on the 2-core CPU;
+* ``loop_over_engine >= 4`` for ``smallcnn`` on the CPU;
+* on a GPU, ``loop_over_engine >= 30`` for ``resnet18-cifar`` at batch size 256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gradnorm_al.models import create_model
+from gradnorm_al.pergrad import per_sample_grad_norms, per_sample_grad_norms_loop
+from gradnorm_al.strategies import entropy_loss
+
+INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
+    "smallcnn": (1, 28, 28),
+    "resnet18-cifar": (3, 32, 32),
+}
+NUM_CLASSES = 10
+SEED = 0
+MAX_MEDIAN_REL_ERR = 1e-3
+
+
+@dataclass
+class Method:
+    """One timed method: ``run`` processes ``samples`` samples."""
+
+    name: str
+    run: Callable[[], None]
+    samples: int
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, choices=sorted(INPUT_SHAPES))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--n", type=int, default=None,
+                        help="samples for engine and train step (default: 256 CPU, 2048 CUDA)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="batch size / engine chunk size (default: 64 CPU, 256 CUDA)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--loop-n", type=int, default=None,
+                        help="samples timed with the loop (default: min(N, 64) CPU, 256 CUDA)")
+    args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    if args.n is None:
+        args.n = 2048 if cuda else 256
+    if args.batch_size is None:
+        args.batch_size = 256 if cuda else 64
+    if args.loop_n is None:
+        args.loop_n = min(args.n, 256 if cuda else 64)
+    for name in ("n", "batch_size", "repeats", "loop_n"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.loop_n > args.n:
+        parser.error("--loop-n must be <= --n")
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda requested but CUDA is not available")
+    return args
+
+
+def build_model(name: str, device: torch.device) -> nn.Module:
+    """Seeded random weights, BatchNorm running statistics randomised a little, eval mode."""
+    model = create_model(name, num_classes=NUM_CLASSES, in_channels=INPUT_SHAPES[name][0])
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.normal_(0.0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    return model.to(device=device, dtype=torch.float32).eval()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], None], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def check_agreement(
+    model: nn.Module, x: torch.Tensor, batch_size: int
+) -> tuple[float, float, list[str]]:
+    """Max and median relative difference of engine vs. loop on ``x``, and any warnings raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = per_sample_grad_norms(model, x, entropy_loss, chunk_size=batch_size)
+        loop = per_sample_grad_norms_loop(model, x, entropy_loss)
+    rel = ((engine - loop).abs() / loop.abs().clamp_min(torch.finfo(torch.float64).tiny)).cpu()
+    messages = [f"{w.category.__name__}: {w.message}" for w in caught]
+    return rel.max().item(), rel.median().item(), messages
+
+
+def make_methods(model: nn.Module, x: torch.Tensor, batch_size: int, loop_n: int) -> list[Method]:
+    batches = list(torch.split(x, batch_size))
+    loop_x = x[:loop_n]
+
+    def loop() -> None:
+        per_sample_grad_norms_loop(model, loop_x, entropy_loss)
+
+    def engine() -> None:
+        for xb in batches:
+            per_sample_grad_norms(model, xb, entropy_loss, chunk_size=batch_size)
+
+    def train_step() -> None:
+        for xb in batches:
+            entropy_loss(model(xb)).sum().backward()
+            model.zero_grad(set_to_none=True)
+
+    return [
+        Method("loop", loop, loop_n),
+        Method("engine", engine, x.shape[0]),
+        Method("train-step", train_step, x.shape[0]),
+    ]
+
+
+def benchmark(methods: list[Method], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per method over ``repeats`` interleaved rounds, after one warm-up round."""
+    times: dict[str, list[float]] = {m.name: [] for m in methods}
+    for round_ in range(repeats + 1):
+        for method in methods:
+            seconds = timed(method.run, device)
+            if round_ > 0:
+                times[method.name].append(seconds)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(SEED)
+    model = build_model(args.model, device)
+    x = torch.randn(args.n, *INPUT_SHAPES[args.model], device=device, dtype=torch.float32)
+    print(f"model={args.model} device={args.device} n={args.n} batch_size={args.batch_size} "
+          f"repeats={args.repeats} threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(f"loop timed on {args.loop_n} of {args.n} samples")
+
+    max_rel, median_rel, messages = check_agreement(model, x[: args.loop_n], args.batch_size)
+    print(f"engine vs loop on {args.loop_n} samples: max rel diff {max_rel:.3e}, "
+          f"median {median_rel:.3e}")
+    for message in messages:
+        print(f"warning during check: {message}")
+    if not median_rel <= MAX_MEDIAN_REL_ERR:
+        print(f"FAIL: median relative difference {median_rel:.3e} > {MAX_MEDIAN_REL_ERR:g}",
+              file=sys.stderr)
+        return 1
+
+    methods = make_methods(model, x, args.batch_size, args.loop_n)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        medians = benchmark(methods, args.repeats, device)
+    for message in sorted({f"{w.category.__name__}: {w.message}" for w in caught}):
+        print(f"warning during timing: {message}")
+
+    per_sample = {m.name: medians[m.name] / m.samples for m in methods}
+    rate = {name: 1.0 / t for name, t in per_sample.items()}
+    print()
+    print(f"{'method':<12} {'samples':>8} {'samples/s':>12} {'ms/sample':>11}")
+    for m in methods:
+        print(f"{m.name:<12} {m.samples:>8d} {rate[m.name]:>12.1f} "
+              f"{1e3 * per_sample[m.name]:>11.3f}")
+    loop_over_engine = per_sample["loop"] / per_sample["engine"]
+    engine_over_train_step = per_sample["engine"] / per_sample["train-step"]
+    print(f"loop/engine (time per sample): {loop_over_engine:.2f}x   "
+          f"engine/train-step: {engine_over_train_step:.3f}")
+    print(json.dumps({
+        "model": args.model,
+        "device": args.device,
+        "n": args.n,
+        "batch_size": args.batch_size,
+        "loop_n": args.loop_n,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "loop_samples_per_s": round(rate["loop"], 3),
+        "engine_samples_per_s": round(rate["engine"], 3),
+        "train_step_samples_per_s": round(rate["train-step"], 3),
+        "loop_over_engine": round(loop_over_engine, 4),
+        "engine_over_train_step": round(engine_over_train_step, 4),
+        "max_rel_err": max_rel,
+        "median_rel_err": median_rel,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,395 @@
+"""The per-sample gradient-norm engine against one backward pass per sample (float64, 1e-9)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TwoHeads, randomise_bn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from gradnorm_al.models import create_model
+from gradnorm_al.pergrad import (
+    FallbackWarning,
+    per_sample_grad_norms,
+    per_sample_grad_norms_loop,
+)
+from gradnorm_al.pergrad import layers as layer_rules
+from gradnorm_al.strategies import entropy_loss
+
+NORMS = ["tensor-sum", "l2", "per-tensor"]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max relative error; entries that are zero in exact arithmetic (a bias followed by a
+    normalisation that removes it) are ~1e-17 rounding noise and compared against the scale."""
+    floor = 1e-12 * float(b.abs().max())
+    return float(((a - b).abs() / b.abs().clamp_min(floor)).max())
+
+
+def _assert_exact(model, x, *, norms=NORMS, loss_fn=entropy_loss, chunk_size=None, warn=False):
+    per_tensor = per_sample_grad_norms_loop(model, x, loss_fn, norm="per-tensor")
+    refs = {
+        "per-tensor": per_tensor,
+        "tensor-sum": per_tensor.sum(1),
+        "l2": per_tensor.pow(2).sum(1).sqrt(),
+    }
+    for norm in norms:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ours = per_sample_grad_norms(model, x, loss_fn, norm=norm, chunk_size=chunk_size)
+        assert any(issubclass(w.category, FallbackWarning) for w in caught) == warn, [
+            str(w.message) for w in caught
+        ]
+        ref = refs[norm]
+        assert ours.shape == ref.shape and ours.dtype == torch.float64
+        assert _rel(ours, ref) < 1e-9, (norm, ours, ref)
+        assert ref.sum() > 0
+
+
+class Head(nn.Module):
+    """body -> flatten -> linear classifier (the body's output shape decides the head size)."""
+
+    def __init__(self, body: nn.Module, example: torch.Tensor, num_classes: int = 4) -> None:
+        super().__init__()
+        self.body = body
+        with torch.no_grad():
+            width = body.eval()(example).flatten(1).shape[1]
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x).flatten(1))
+
+
+def _net(body: nn.Module, shape: tuple[int, ...], n: int = 5, seed: int = 0):
+    torch.manual_seed(seed)
+    x = torch.randn(n, *shape, dtype=torch.float64)
+    model = Head(body.double(), x[:2]).double()
+    return randomise_bn(model, seed).double(), x
+
+
+LAYER_CASES = {
+    "linear": (lambda: nn.Sequential(nn.Linear(6, 7), nn.Tanh()), (6,)),
+    "linear-leading-dims": (lambda: nn.Sequential(nn.Linear(6, 5), nn.Tanh()), (4, 6)),
+    "linear-no-bias": (lambda: nn.Linear(6, 5, bias=False), (3, 6)),
+    "conv1d": (
+        lambda: nn.Sequential(
+            nn.Conv1d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2), nn.Tanh()
+        ),
+        (4, 11),
+    ),
+    "conv2d": (
+        lambda: nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU()),
+        (3, 7, 7),
+    ),
+    "conv2d-dilated-grouped": (
+        lambda: nn.Conv2d(4, 6, (3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 1), groups=2),
+        (4, 6, 6),
+    ),
+    "conv2d-reflect-same": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, 4, padding="same", padding_mode="reflect"),
+            nn.Tanh(),
+            nn.Conv2d(3, 3, 2, padding="same"),
+            nn.Conv2d(3, 2, 3, padding="valid"),
+        ),
+        (2, 6, 6),
+    ),
+    "conv3d": (
+        lambda: nn.Sequential(nn.Conv3d(2, 3, 3, stride=(1, 2, 2), padding=1), nn.Tanh()),
+        (2, 4, 5, 5),
+    ),
+    "conv-transpose2d": (
+        lambda: nn.Sequential(
+            nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), nn.Tanh()
+        ),
+        (4, 3, 3),
+    ),
+    "conv-transpose1d": (lambda: nn.ConvTranspose1d(3, 2, 4, stride=3, dilation=2), (3, 5)),
+    "batchnorm1d-2d-input": (
+        lambda: nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh()),
+        (6,),
+    ),
+    "batchnorm1d-3d-input": (
+        lambda: nn.Sequential(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4), nn.ReLU()),
+        (3, 6),
+    ),
+    "batchnorm2d-inplace-relu": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(inplace=True)
+        ),
+        (2, 6, 6),
+    ),
+    "batchnorm3d": (
+        lambda: nn.Sequential(nn.Conv3d(1, 2, 2), nn.BatchNorm3d(2), nn.Tanh()),
+        (1, 3, 3, 3),
+    ),
+    "layernorm": (lambda: nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh()), (3, 5)),
+    "layernorm-2d-no-bias": (
+        lambda: nn.Sequential(nn.Conv2d(2, 3, 1), nn.LayerNorm([3, 4, 4], bias=False)),
+        (2, 4, 4),
+    ),
+    "groupnorm": (
+        lambda: nn.Sequential(nn.Conv2d(2, 6, 3), nn.GroupNorm(3, 6), nn.Tanh()),
+        (2, 5, 5),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAYER_CASES))
+@pytest.mark.parametrize("method", [None, "ghost", "materialize"])
+def test_every_layer_matches_the_loop(case, method, monkeypatch):
+    monkeypatch.setattr(layer_rules, "FORCE_METHOD", method)
+    make, shape = LAYER_CASES[case]
+    model, x = _net(make(), shape)
+    _assert_exact(model, x)
+
+
+class Tokens(nn.Module):
+    """Embedding with repeated tokens and a padding index, mean-pooled into a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4, padding_idx=0)
+        self.norm = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, idx):
+        return self.fc(self.norm(self.emb(idx)).mean(dim=1))
+
+
+def test_embedding_with_repeated_indices_and_padding():
+    torch.manual_seed(0)
+    model = Tokens().double()
+    idx = torch.tensor([[1, 1, 2, 0], [3, 0, 0, 3], [6, 5, 4, 3], [2, 2, 2, 2]])
+    _assert_exact(model, idx)
+
+
+@pytest.mark.parametrize("name, shape", [("smallcnn", (1, 10, 10)), ("resnet18-cifar", (3, 8, 8))])
+def test_package_models(name, shape):
+    torch.manual_seed(0)
+    model = randomise_bn(create_model(name, num_classes=10, in_channels=shape[0])).double()
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    _assert_exact(model, x, chunk_size=2)
+
+
+def test_unused_head_tuple_output_and_frozen_parameters():
+    torch.manual_seed(0)
+    model = randomise_bn(TwoHeads()).double()
+    model.body[0].bias.requires_grad_(False)
+    x = torch.randn(6, 12, dtype=torch.float64)
+    _assert_exact(model, x)
+    per = per_sample_grad_norms(model, x, entropy_loss, norm="per-tensor")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert per.shape == (6, len(names))
+    assert (per[:, [i for i, n in enumerate(names) if n.startswith("unused")]] == 0).all()
+
+
+class DictOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return {"aux": x.mean(), "logits": F.relu(self.bn(self.conv(x)), inplace=True).flatten(1)}
+
+
+def test_dict_output_and_functional_inplace_relu():
+    torch.manual_seed(0)
+    model = randomise_bn(DictOut()).double()
+    _assert_exact(model, torch.randn(4, 1, 4, 4, dtype=torch.float64))
+
+
+class Scale(nn.Module):
+    """A module with its own parameter and no batched rule: the per-module fallback."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.linspace(0.5, 1.5, c))
+        self.inner = nn.Linear(c, c)  # a child with a rule inside the fallback module
+
+    def forward(self, x):
+        return self.inner(x) * self.s + x.pow(2) * self.s.pow(2)
+
+
+def test_per_module_fallback_is_exact_and_warns():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), Scale(6), nn.PReLU(6), nn.Linear(6, 3)).double()
+    _assert_exact(model, torch.randn(5, 5, dtype=torch.float64), warn=True)
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight  # tied
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+class Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(torch.tanh(self.a(x)))
+
+
+class Outside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h) + F.linear(h, self.a.weight)  # a.weight also used outside its module
+
+
+class Unvisited(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return F.linear(x, self.a.weight, self.a.bias)  # the module itself never runs
+
+
+@pytest.mark.parametrize("cls", [Tied, Twice, Outside, Unvisited])
+def test_shared_and_outside_parameters_fall_back_exactly(cls):
+    torch.manual_seed(0)
+    _assert_exact(cls().double(), torch.randn(5, 4, dtype=torch.float64), warn=True)
+
+
+def test_batchnorm_without_running_statistics_falls_back_to_per_sample_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 2),
+        nn.BatchNorm2d(2, track_running_stats=False),
+        nn.Flatten(),
+        nn.Linear(18, 3),
+    ).double()
+    _assert_exact(model, torch.randn(4, 1, 4, 4, dtype=torch.float64), warn=True)
+
+
+def test_chunking_is_invisible_and_bounds_the_batch():
+    seen = []
+
+    class Spy(nn.Module):
+        def forward(self, x):
+            seen.append(x.shape[0])
+            return x
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        Spy(), nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4)
+    ).double()
+    randomise_bn(model)
+    x = torch.randn(7, 1, 4, 4, dtype=torch.float64)
+    full = per_sample_grad_norms(model, x, entropy_loss, chunk_size=7)
+    for chunk in (1, 3):
+        seen.clear()
+        torch.testing.assert_close(
+            per_sample_grad_norms(model, x, entropy_loss, chunk_size=chunk),
+            full,
+            rtol=1e-12,
+            atol=0,
+        )
+        assert max(seen) <= chunk
+    assert per_sample_grad_norms(model, x[:0], entropy_loss).shape == (0,)
+
+
+def test_model_is_restored_even_when_the_loss_fails():
+    torch.manual_seed(0)
+    model = randomise_bn(create_model("smallcnn", num_classes=10, in_channels=1))
+    model.train()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    state = copy.deepcopy(model.state_dict())
+
+    def bad_loss(z):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        per_sample_grad_norms(model, torch.randn(3, 1, 8, 8), bad_loss)
+    per_sample_grad_norms(model, torch.randn(3, 1, 8, 8), entropy_loss)
+    assert all(m.training for m in model.modules())
+    assert all(not m._forward_hooks for m in model.modules())
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_a_wrong_loss_shape_is_reported():
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="one loss per sample"):
+        per_sample_grad_norms(model, torch.randn(4, 3), lambda z: z.sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_low_precision_models_are_close_to_float64(dtype):
+    torch.manual_seed(0)
+    model = randomise_bn(create_model("smallcnn", num_classes=10, in_channels=1))
+    x = torch.randn(16, 1, 8, 8)
+    ref = per_sample_grad_norms_loop(copy.deepcopy(model).double(), x.double(), entropy_loss)
+    ours = per_sample_grad_norms(model.to(dtype), x.to(dtype), entropy_loss)
+    assert ours.dtype == torch.float64
+    tol = 1e-5 if dtype == torch.float32 else 0.1
+    assert float(((ours - ref).abs() / ref).median()) < tol
+
+
+# ----------------------------------------------------------------------- property-based
+@st.composite
+def conv_nets(draw):
+    c_in = draw(st.integers(1, 3))
+    size = draw(st.integers(5, 9))
+    layers, c, h = [], c_in, size
+    for _ in range(draw(st.integers(1, 3))):
+        groups = draw(st.sampled_from([g for g in (1, 2, 3) if c % g == 0]))
+        c_out = groups * draw(st.integers(1, 3))
+        k = draw(st.integers(1, 3))
+        stride = draw(st.integers(1, 2))
+        dilation = draw(st.integers(1, 2))
+        padding = draw(st.integers(0, 2))
+        h_out = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+        if h_out < 1:
+            break
+        layers.append(
+            nn.Conv2d(
+                c,
+                c_out,
+                k,
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+                groups=groups,
+                bias=draw(st.booleans()),
+            )
+        )
+        if draw(st.booleans()):
+            layers.append(nn.BatchNorm2d(c_out))
+        layers.append(draw(st.sampled_from([nn.ReLU(inplace=True), nn.Tanh(), nn.Identity()])))
+        c, h = c_out, h_out
+    method = draw(st.sampled_from([None, "ghost", "materialize"]))
+    return nn.Sequential(*layers), (c_in, size, size), method, draw(st.integers(0, 1000))
+
+
+@settings(max_examples=25, deadline=None)
+@given(conv_nets())
+def test_random_architectures_match_the_loop(spec):
+    body, shape, method, seed = spec
+    old = layer_rules.FORCE_METHOD
+    layer_rules.FORCE_METHOD = method
+    try:
+        model, x = _net(body, shape, n=3, seed=seed)
+        _assert_exact(model, x, norms=["per-tensor"])
+    finally:
+        layer_rules.FORCE_METHOD = old
