@@ -2,12 +2,11 @@
 
 Each rule gets the layer's input ``a`` [N, ...] and the gradient of the summed loss w.r.t. its
 output ``g`` [N, ...] (in eval mode sample n's gradient lives in row n only) and returns, per
-trainable parameter name, float64 [N] squared norms of the per-sample parameter gradients. Weight gradients are
-never formed for the whole batch; per sample they are either materialised (one batched product) or
-avoided entirely with the Gram ("ghost norm") identity
-``||sum_t g_t a_t^T||^2 = sum_{t,s} (a_t . a_s)(g_t . g_s)``, whichever costs fewer flops for the
-layer's shapes (as in mixed ghost clipping, Bu et al. 2023).
-"""
+trainable parameter name, float64 [N] squared norms of the per-sample parameter gradients.
+Weight gradients are never formed for the whole batch; per sample they are either materialised
+(one batched product) or avoided entirely with the Gram ("ghost norm") identity
+``||sum_t g_t a_t^T||^2 = sum_{t,s} (a_t . a_s)(g_t . g_s)``, whichever costs fewer flops for
+the layer's shapes (as in mixed ghost clipping, Bu et al. 2023)."""
 
 from __future__ import annotations
 
