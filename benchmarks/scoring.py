@@ -75,15 +75,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, choices=sorted(INPUT_SHAPES))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--n", type=int, default=None,
-                        help="samples for engine and train step (default: 256 CPU, 2048 CUDA)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="batch size / engine chunk size (default: 64 CPU, 256 CUDA)")
+    parser.add_argument(
+        "--n",
+        type=int,
+        default=None,
+        help="samples for engine and train step (default: 256 CPU, 2048 CUDA)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="batch size / engine chunk size (default: 64 CPU, 256 CUDA)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's own)")
-    parser.add_argument("--loop-n", type=int, default=None,
-                        help="samples timed with the loop (default: min(N, 64) CPU, 256 CUDA)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's own)"
+    )
+    parser.add_argument(
+        "--loop-n",
+        type=int,
+        default=None,
+        help="samples timed with the loop (default: min(N, 64) CPU, 256 CUDA)",
+    )
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     if args.n is None:
@@ -181,18 +194,24 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(SEED)
     model = build_model(args.model, device)
     x = torch.randn(args.n, *INPUT_SHAPES[args.model], device=device, dtype=torch.float32)
-    print(f"model={args.model} device={args.device} n={args.n} batch_size={args.batch_size} "
-          f"repeats={args.repeats} threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(
+        f"model={args.model} device={args.device} n={args.n} batch_size={args.batch_size} "
+        f"repeats={args.repeats} threads={torch.get_num_threads()} torch={torch.__version__}"
+    )
     print(f"loop timed on {args.loop_n} of {args.n} samples")
 
     max_rel, median_rel, messages = check_agreement(model, x[: args.loop_n], args.batch_size)
-    print(f"engine vs loop on {args.loop_n} samples: max rel diff {max_rel:.3e}, "
-          f"median {median_rel:.3e}")
+    print(
+        f"engine vs loop on {args.loop_n} samples: max rel diff {max_rel:.3e}, "
+        f"median {median_rel:.3e}"
+    )
     for message in messages:
         print(f"warning during check: {message}")
     if not median_rel <= MAX_MEDIAN_REL_ERR:
-        print(f"FAIL: median relative difference {median_rel:.3e} > {MAX_MEDIAN_REL_ERR:g}",
-              file=sys.stderr)
+        print(
+            f"FAIL: median relative difference {median_rel:.3e} > {MAX_MEDIAN_REL_ERR:g}",
+            file=sys.stderr,
+        )
         return 1
 
     methods = make_methods(model, x, args.batch_size, args.loop_n)
@@ -207,29 +226,36 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"{'method':<12} {'samples':>8} {'samples/s':>12} {'ms/sample':>11}")
     for m in methods:
-        print(f"{m.name:<12} {m.samples:>8d} {rate[m.name]:>12.1f} "
-              f"{1e3 * per_sample[m.name]:>11.3f}")
+        print(
+            f"{m.name:<12} {m.samples:>8d} {rate[m.name]:>12.1f} {1e3 * per_sample[m.name]:>11.3f}"
+        )
     loop_over_engine = per_sample["loop"] / per_sample["engine"]
     engine_over_train_step = per_sample["engine"] / per_sample["train-step"]
-    print(f"loop/engine (time per sample): {loop_over_engine:.2f}x   "
-          f"engine/train-step: {engine_over_train_step:.3f}")
-    print(json.dumps({
-        "model": args.model,
-        "device": args.device,
-        "n": args.n,
-        "batch_size": args.batch_size,
-        "loop_n": args.loop_n,
-        "repeats": args.repeats,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "loop_samples_per_s": round(rate["loop"], 3),
-        "engine_samples_per_s": round(rate["engine"], 3),
-        "train_step_samples_per_s": round(rate["train-step"], 3),
-        "loop_over_engine": round(loop_over_engine, 4),
-        "engine_over_train_step": round(engine_over_train_step, 4),
-        "max_rel_err": max_rel,
-        "median_rel_err": median_rel,
-    }))
+    print(
+        f"loop/engine (time per sample): {loop_over_engine:.2f}x   "
+        f"engine/train-step: {engine_over_train_step:.3f}"
+    )
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "device": args.device,
+                "n": args.n,
+                "batch_size": args.batch_size,
+                "loop_n": args.loop_n,
+                "repeats": args.repeats,
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "loop_samples_per_s": round(rate["loop"], 3),
+                "engine_samples_per_s": round(rate["engine"], 3),
+                "train_step_samples_per_s": round(rate["train-step"], 3),
+                "loop_over_engine": round(loop_over_engine, 4),
+                "engine_over_train_step": round(engine_over_train_step, 4),
+                "max_rel_err": max_rel,
+                "median_rel_err": median_rel,
+            }
+        )
+    )
     return 0
 
 

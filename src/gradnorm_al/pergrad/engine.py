@@ -1,10 +1,14 @@
 """The batched per-sample gradient-norm engine: a forward and an input-gradient backward per chunk.
 
 How it works. Forward hooks on every module that owns trainable parameters keep the module's input
-and register a hook on its output tensor; one ``autograd.grad`` of ``loss.sum()`` w.r.t. the input
-(never w.r.t. the parameters, so no weight-gradient GEMM runs) delivers each such output's gradient,
+and register a hook on its output tensor; one ``autograd.grad`` of ``loss.sum()`` (never w.r.t.
+the parameters, so no weight-gradient GEMM runs) delivers each such output's gradient,
 and the layer rule in :mod:`.layers` turns (input, output gradient) into per-sample squared norms.
 In eval mode samples do not interact, so row n of every output gradient is sample n's alone.
+
+Nothing upstream of the first parameterised modules requires grad; a zero scalar "anchor" added
+to each of their outputs is what the backward differentiates against, so not even the input
+gradient of the first layer is computed.
 
 Exactness guards. The autograd graph is walked to find every trainable parameter the loss reaches;
 each must be owned by a module that ran exactly once and whose rule covered it, and must feed the
@@ -127,8 +131,8 @@ class _Engine:
             if not (isinstance(out, torch.Tensor) and out.requires_grad):
                 continue
             if anchor_needed:
-                # the module's input does not depend on the differentiated input: add a zero
-                # leaf so that the backward pass reaches this output too
+                # nothing upstream requires grad: add a zero leaf to differentiate against, so
+                # that the backward pass reaches this output
                 anchor = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
                 self.anchors.append(anchor)
                 out = out + anchor
@@ -208,8 +212,9 @@ class _Engine:
         ]
         try:
             self.active = True
-            inputs = x.detach().requires_grad_(x.is_floating_point())
-            loss = self.loss_fn(first_output(self.model(inputs)))
+            # the input itself does not require grad: the first modules get zero "anchors" on
+            # their outputs instead, so no gradient w.r.t. the raw input is ever computed
+            loss = self.loss_fn(first_output(self.model(x.detach())))
             if loss.shape != (x.shape[0],):
                 raise ValueError(
                     f"loss_fn must return one loss per sample [{x.shape[0]}], "
@@ -218,7 +223,7 @@ class _Engine:
             if self.reused:
                 raise _NeedsWholeModelFallback("a module is called more than once per forward")
             edges = _reached_parameters(loss.grad_fn)
-            wrt = [t for t in [inputs, *self.anchors] if t.requires_grad and id(t) in edges]
+            wrt = [t for t in self.anchors if id(t) in edges]
             if wrt:
                 torch.autograd.grad(loss.sum(), wrt, allow_unused=True)
             self.active = False

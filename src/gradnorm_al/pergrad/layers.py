@@ -25,6 +25,10 @@ _BLOCK = 4096  # float32 partial sums stay accurate over blocks this long
 #: one where it applies (for tests and benchmarks)
 FORCE_METHOD: str | None = None
 
+#: below this many inputs per output (C_in x kernel area) im2col is cheap enough to materialise
+#: per-sample weight gradients with a single batched product (a first layer on RGB or grey images)
+SMALL_IM2COL = 32
+
 
 def _use_ghost(ghost_cost: float, materialize_cost: float) -> bool:
     if FORCE_METHOD is not None:
@@ -54,9 +58,10 @@ def squared_norms(t: torch.Tensor) -> torch.Tensor:
 
 def _gram_sum(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """sum_{t,s} (a_t . a_s)(g_t . g_s) per sample for a [N, T, p], g [N, T, q] -> float64 [N]."""
-    gram_a = torch.bmm(a, a.transpose(1, 2))
-    gram_g = torch.bmm(g, g.transpose(1, 2))
-    return (gram_a * gram_g).sum(dim=(1, 2)).double()
+    n = a.shape[0]
+    gram_a = torch.bmm(a, a.transpose(1, 2)).reshape(n, -1)
+    gram_g = torch.bmm(g, g.transpose(1, 2)).reshape(n, -1)
+    return torch.linalg.vecdot(gram_a, gram_g).double()
 
 
 def _weight_and_bias(weight: torch.Tensor | None, bias: torch.Tensor | None) -> SquaredNorms:
@@ -128,30 +133,81 @@ def _per_sample_conv_weight_grads(module, a, g, padding) -> torch.Tensor:
     return grads.reshape(n, *w.shape)
 
 
+def _shifted_window_sq_norms(a: torch.Tensor, g: torch.Tensor, module, padding) -> torch.Tensor:
+    """float64 [N] squared norms of per-sample 2-D convolution weight gradients (groups=1) with no
+    im2col: for every kernel offset (i, j) the gradient slice W[:, :, i, j] of sample n is
+    g_n [C_out, L] @ window_ij(a_n) [L, C_in], where the window is a plain strided view of a
+    channels-last copy of the padded input (rows flattened with the padded width, the extra
+    columns killed by zero-padding g). Strides are handled by splitting the input into its
+    stride x stride phases, each of which the offsets then address with stride 1."""
+    n, c_in = a.shape[:2]
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    ho, wo = g.shape[2:]
+    padded = F.pad(a, (padding[1], padding[1], padding[0], padding[0]))
+    phases: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
+    g_wide: dict[int, torch.Tensor] = {}
+    total = torch.zeros(n, dtype=torch.float64, device=a.device)
+    for i in range(kh):
+        qr, pr = divmod(i * dh, sh)
+        for j in range(kw):
+            qc, pc = divmod(j * dw, sw)
+            if (pr, pc) not in phases:
+                phase = padded[:, :, pr::sh, pc::sw]
+                width = phase.shape[3]
+                # one spare zero row lets the last window run past the end of its row
+                flat = F.pad(phase, (0, 0, 0, 1)).permute(0, 2, 3, 1).contiguous()
+                phases[(pr, pc)] = (flat.view(n, -1, c_in), width)
+            flat, width = phases[(pr, pc)]
+            if width not in g_wide:
+                g_wide[width] = F.pad(g, (0, width - wo)).reshape(n, g.shape[1], ho * width)
+            start = qr * width + qc
+            window = flat[:, start : start + ho * width, :]
+            total += squared_norms(torch.bmm(g_wide[width], window))
+    return total
+
+
 def conv_rule(module: nn.modules.conv._ConvNd, a: torch.Tensor, g: torch.Tensor) -> SquaredNorms:
     n = a.shape[0]
     a, padding = _conv_input(module, a)
     weight = bias = None
     if _wants(module, "weight"):
-        weight = None
         spatial = len(module.kernel_size)
-        length = g[0, 0].numel()  # output positions L
+        planar = not module.transposed and module.groups == 1 and spatial <= 2
+        conv, a2, g2, pad2 = module, a, g, padding
+        if planar and spatial == 1:  # a 1-D convolution is a 2-D one of height 1
+            conv, a2, g2, pad2 = _As2d(module), a.unsqueeze(2), g.unsqueeze(2), [0, *padding]
+        c_out, length = g.shape[1], g[0, 0].numel()  # output channels, output positions L
         d = module.weight[0].numel()  # C_in / groups * prod(kernel)
-        c_out = g.shape[1]
-        ghost_ok = not module.transposed and module.groups == 1 and spatial <= 2
-        if ghost_ok and _use_ghost(length * length * (d + c_out), length * d * c_out):
-            x = a if spatial == 2 else a.unsqueeze(2)
-            k = module.kernel_size if spatial == 2 else (1, *module.kernel_size)
-            dil = module.dilation if spatial == 2 else (1, *module.dilation)
-            pad = padding if spatial == 2 else [0, *padding]
-            st = module.stride if spatial == 2 else (1, *module.stride)
-            cols = F.unfold(x, k, dilation=dil, padding=pad, stride=st)  # [N, D, L]
-            weight = _gram_sum(cols.transpose(1, 2), g.reshape(n, c_out, -1).transpose(1, 2))
+        if planar:
+            # the shifted windows run over the padded width: that many more positions
+            wide = length * (a2.shape[-1] + 2 * pad2[-1]) / (conv.stride[-1] * g2.shape[-1])
+            ghost = _use_ghost(length * length * (d + c_out), wide * d * c_out)
+            if ghost or d <= SMALL_IM2COL:
+                cols = F.unfold(
+                    a2, conv.kernel_size, dilation=conv.dilation, padding=pad2, stride=conv.stride
+                )  # [N, D, L]
+                g_flat = g.reshape(n, c_out, -1)
+                if ghost:
+                    weight = _gram_sum(cols.transpose(1, 2), g_flat.transpose(1, 2))
+                else:  # few input channels: im2col is cheap and one bmm per sample does it all
+                    weight = squared_norms(torch.bmm(g_flat, cols.transpose(1, 2)))
+            else:
+                weight = _shifted_window_sq_norms(a2, g2, conv, pad2)
         else:
             weight = squared_norms(_per_sample_conv_weight_grads(module, a, g, padding))
     if _wants(module, "bias"):
         bias = squared_norms(g.flatten(2).sum(dim=2))
     return _weight_and_bias(weight, bias)
+
+
+class _As2d:
+    """The hyper-parameters of a Conv1d seen as a Conv2d of height 1 (only what the rules read)."""
+
+    def __init__(self, module: nn.Conv1d) -> None:
+        self.kernel_size = (1, *module.kernel_size)
+        self.stride = (1, *module.stride)
+        self.dilation = (1, *module.dilation)
+        self.weight = module.weight
 
 
 # -------------------------------------------------------------------------------- normalisation
@@ -168,12 +224,27 @@ def _affine_rule(module: nn.Module, x_hat: torch.Tensor, g: torch.Tensor, dims) 
 
 
 def batchnorm_rule(module: nn.modules.batchnorm._BatchNorm, a, g) -> SquaredNorms:
-    """Eval-mode BatchNorm: x_hat from the running statistics; per channel sum over positions."""
-    shape = (1, -1) + (1,) * (a.dim() - 2)
-    mean = module.running_mean.to(a.dtype).reshape(shape)
-    inv_std = torch.rsqrt(module.running_var.to(a.dtype).reshape(shape) + module.eps)
-    x_hat = (a - mean) * inv_std
-    return _affine_rule(module, x_hat, g, tuple(range(2, a.dim())))
+    """Eval-mode BatchNorm: per-sample, per-channel sums over positions of g * x_hat (weight) and
+    g (bias), in one fused batch-norm backward with the batch folded into the channels."""
+    n, c = a.shape[:2]
+    folded = (1, n * c, *a.shape[2:]) if a.dim() > 2 else (1, n * c)
+    weight = module.weight.detach().to(a.dtype).repeat(n) if module.weight is not None else None
+    _, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+        g.reshape(folded),
+        a.reshape(folded),
+        weight,
+        module.running_mean.to(a.dtype).repeat(n),
+        module.running_var.to(a.dtype).repeat(n),
+        None,
+        None,
+        False,
+        module.eps,
+        [False, True, True],
+    )
+    return _weight_and_bias(
+        squared_norms(grad_w.view(n, c)) if _wants(module, "weight") else None,
+        squared_norms(grad_b.view(n, c)) if _wants(module, "bias") else None,
+    )
 
 
 def layernorm_rule(module: nn.LayerNorm, a, g) -> SquaredNorms:
