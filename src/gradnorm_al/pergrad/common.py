@@ -41,11 +41,6 @@ def first_output(out: object) -> torch.Tensor:
     )
 
 
-def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) for every parameter with ``requires_grad``, each tied tensor once."""
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
 def reduce_squared_norms(squared: torch.Tensor, norm: str) -> torch.Tensor:
     """Reduce per-tensor squared norms [N, T] (float64) to the requested norm.
 

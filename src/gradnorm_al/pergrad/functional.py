@@ -23,17 +23,8 @@ def per_sample_grad_norms_functional(
     norm: str = "tensor-sum",
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Norm of each sample's loss gradient w.r.t. the model's trainable parameters.
-
-    Parameters
-    ----------
-    model : evaluated in eval mode (BatchNorm uses running statistics); its parameters, buffers,
-        modes and ``.grad`` are left as they were.
-    inputs : [N, ...] on the model's device.
-    loss_fn : maps the model's logits [n, ...] to a per-sample loss [n].
-    norm : "tensor-sum" | "l2" -> float64 [N]; "per-tensor" -> float64 [N, T], one column per
-        trainable parameter tensor in ``model.named_parameters()`` order.
-    chunk_size : samples per vmapped chunk; by default sized to hold ~512 MiB of gradients.
+    """Same contract as :func:`gradnorm_al.pergrad.engine.per_sample_grad_norms` (float64 [N], or
+    [N, T] for "per-tensor"); ``chunk_size`` defaults to ~512 MiB of per-sample gradients.
     """
     check_norm(norm)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -116,8 +116,7 @@ STRATEGIES: Registry[StrategyFactory] = Registry("strategy")
 
 
 def create_strategy(name: str, **params: Any) -> Strategy:
-    """Build the strategy registered as ``name``; ``params`` it does not accept are ignored only if
-    they are shared run options (see :func:`accepted_params`)."""
+    """Build the strategy registered as ``name`` with its hyper-parameters ``params``."""
     strategy = STRATEGIES.get(name)(**params)
     strategy.name = name
     return strategy
