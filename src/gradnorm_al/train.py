@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .data.batching import iter_batches
 from .pergrad import first_output
+from .pergrad.common import eval_mode
 
 
 @dataclass
@@ -90,15 +91,11 @@ def predict(
     batch_size: int = 256,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(predicted classes, true targets) over ``dataset[indices]`` in eval mode."""
-    was_training = model.training
-    model.eval()
     preds, targets = [], []
-    try:
+    with eval_mode(model):  # each submodule's own mode comes back afterwards
         for x, y in iter_batches(dataset, batch_size, indices):
             preds.append(first_output(model(x.to(device))).argmax(dim=1).cpu())
             targets.append(y)
-    finally:
-        model.train(was_training)
     if not preds:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     return torch.cat(preds).numpy(), torch.cat(targets).numpy()
