@@ -142,7 +142,7 @@ LAYER_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(LAYER_CASES))
-@pytest.mark.parametrize("method", [None, "ghost", "materialize"])
+@pytest.mark.parametrize("method", [None, "ghost", "materialize", "im2col"])
 def test_every_layer_matches_the_loop(case, method, monkeypatch):
     monkeypatch.setattr(layer_rules, "FORCE_METHOD", method)
     make, shape = LAYER_CASES[case]
@@ -378,7 +378,7 @@ def conv_nets(draw):
             layers.append(nn.BatchNorm2d(c_out))
         layers.append(draw(st.sampled_from([nn.ReLU(inplace=True), nn.Tanh(), nn.Identity()])))
         c, h = c_out, h_out
-    method = draw(st.sampled_from([None, "ghost", "materialize"]))
+    method = draw(st.sampled_from([None, "ghost", "materialize", "im2col"]))
     return nn.Sequential(*layers), (c_in, size, size), method, draw(st.integers(0, 1000))
 
 

@@ -21,13 +21,20 @@ Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor], SquaredNorms]
 
 _BLOCK = 4096  # float32 partial sums stay accurate over blocks this long
 
-#: None: choose ghost norm or materialisation per layer by flops; "ghost" / "materialize": force
-#: one where it applies (for tests and benchmarks)
+#: None: choose per layer by estimated cost; "ghost" / "materialize" force the Gram identity or
+#: the materialised per-sample gradient wherever either applies, and "im2col" forces the im2col
+#: flavour of materialisation for planar convolutions (for tests and benchmarks)
 FORCE_METHOD: str | None = None
 
-#: below this many inputs per output (C_in x kernel area) im2col is cheap enough to materialise
-#: per-sample weight gradients with a single batched product (a first layer on RGB or grey images)
+#: planar convolutions materialise per-sample weight gradients through an explicit (channels-last)
+#: im2col when it has few inputs per output (C_in x kernel area, a first layer on RGB or grey
+#: images) or when the whole chunk's im2col stays this small; otherwise through shifted windows
 SMALL_IM2COL = 32
+IM2COL_BYTES = 16 * 2**20
+
+#: cost of one strided element-wise add relative to one multiply-add inside a matrix product
+#: (measured on a 2-core AVX-512 CPU); weighs the offset sums of the padded-input ghost norm
+STRIDED_ADD_COST = 32
 
 
 def _use_ghost(ghost_cost: float, materialize_cost: float) -> bool:
@@ -133,37 +140,119 @@ def _per_sample_conv_weight_grads(module, a, g, padding) -> torch.Tensor:
     return grads.reshape(n, *w.shape)
 
 
-def _shifted_window_sq_norms(a: torch.Tensor, g: torch.Tensor, module, padding) -> torch.Tensor:
-    """float64 [N] squared norms of per-sample 2-D convolution weight gradients (groups=1) with no
-    im2col: for every kernel offset (i, j) the gradient slice W[:, :, i, j] of sample n is
-    g_n [C_out, L] @ window_ij(a_n) [L, C_in], where the window is a plain strided view of a
-    channels-last copy of the padded input (rows flattened with the padded width, the extra
-    columns killed by zero-padding g). Strides are handled by splitting the input into its
-    stride x stride phases, each of which the offsets then address with stride 1."""
-    n, c_in = a.shape[:2]
+def _phases(a: torch.Tensor, module, padding) -> list[tuple[torch.Tensor, int, list[int]]]:
+    """The padded input of a 2-D convolution split into its stride x stride phases, in which every
+    kernel offset addresses its inputs with stride 1.
+
+    Per phase used by some offset: a channels-last copy flattened over positions [N, P, C_in] (one
+    spare zero row lets the last window run past the end of its row), the phase's width, and the
+    flat start of each of its offsets. Offset (i, j) of output position (r, c) reads flat position
+    start + r * width + c: a plain strided window of ``ho * width`` rows ("wide" positions; the
+    extra columns of each row are junk that a zero-padded output gradient cancels)."""
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-    ho, wo = g.shape[2:]
     padded = F.pad(a, (padding[1], padding[1], padding[0], padding[0]))
-    phases: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
-    g_wide: dict[int, torch.Tensor] = {}
-    total = torch.zeros(n, dtype=torch.float64, device=a.device)
+    starts: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for i in range(kh):
         qr, pr = divmod(i * dh, sh)
         for j in range(kw):
             qc, pc = divmod(j * dw, sw)
-            if (pr, pc) not in phases:
-                phase = padded[:, :, pr::sh, pc::sw]
-                width = phase.shape[3]
-                # one spare zero row lets the last window run past the end of its row
-                flat = F.pad(phase, (0, 0, 0, 1)).permute(0, 2, 3, 1).contiguous()
-                phases[(pr, pc)] = (flat.view(n, -1, c_in), width)
-            flat, width = phases[(pr, pc)]
-            if width not in g_wide:
-                g_wide[width] = F.pad(g, (0, width - wo)).reshape(n, g.shape[1], ho * width)
-            start = qr * width + qc
+            starts.setdefault((pr, pc), []).append((qr, qc))
+    out = []
+    for (pr, pc), offsets in starts.items():
+        phase = padded[:, :, pr::sh, pc::sw]
+        width = phase.shape[3]
+        flat = F.pad(phase, (0, 0, 0, 1)).permute(0, 2, 3, 1).contiguous()
+        out.append(
+            (flat.view(a.shape[0], -1, a.shape[1]), width, [qr * width + qc for qr, qc in offsets])
+        )
+    return out
+
+
+def _wide(g: torch.Tensor, width: int) -> torch.Tensor:
+    """g [N, C, ho, wo] zero-padded to ``width`` columns and flattened: [N, C, ho * width]."""
+    return F.pad(g, (0, width - g.shape[3])).reshape(g.shape[0], g.shape[1], -1)
+
+
+def _shifted_window_sq_norms(a: torch.Tensor, g: torch.Tensor, module, padding) -> torch.Tensor:
+    """float64 [N] squared norms of per-sample 2-D convolution weight gradients (groups=1) with no
+    im2col: for every kernel offset the gradient slice W[:, :, i, j] of sample n is
+    g_n [C_out, L] @ window(a_n) [L, C_in], a window of :func:`_phases`."""
+    n, ho = a.shape[0], g.shape[2]
+    total = torch.zeros(n, dtype=torch.float64, device=a.device)
+    wides: dict[int, torch.Tensor] = {}
+    for flat, width, starts in _phases(a, module, padding):
+        if width not in wides:
+            wides[width] = _wide(g, width)
+        for start in starts:
             window = flat[:, start : start + ho * width, :]
-            total += squared_norms(torch.bmm(g_wide[width], window))
+            total += squared_norms(torch.bmm(wides[width], window))
     return total
+
+
+def _padded_gram_sq_norms(a: torch.Tensor, g: torch.Tensor, module, padding) -> torch.Tensor:
+    """float64 [N] squared norms of per-sample 2-D convolution weight gradients (groups=1) by the
+    ghost norm without im2col. With A_o the window of offset o and G the wide output gradient,
+    ||sum_o ...||^2 = sum_o <A_o A_o^T, G^T G>, and every A_o A_o^T is a shifted diagonal block of
+    the Gram matrix P of the padded input's positions: P costs (positions)^2 x C_in instead of
+    (positions)^2 x C_in x kernel area, and the offsets only add up blocks of it."""
+    n, ho = a.shape[0], g.shape[2]
+    total = torch.zeros(n, dtype=torch.float64, device=a.device)
+    grams: dict[int, torch.Tensor] = {}
+    for flat, width, starts in _phases(a, module, padding):
+        length = ho * width
+        lo, hi = min(starts), max(starts) + length
+        span = flat[:, lo:hi]
+        p = torch.bmm(span, span.transpose(1, 2))
+        if width not in grams:
+            g_wide = _wide(g, width)
+            grams[width] = torch.bmm(g_wide.transpose(1, 2), g_wide).reshape(n, -1)
+        blocks = None
+        for start in starts:
+            block = p[:, start - lo : start - lo + length, start - lo : start - lo + length]
+            blocks = block.clone() if blocks is None else blocks.add_(block)
+        total += torch.linalg.vecdot(blocks.reshape(n, -1), grams[width]).double()
+    return total
+
+
+def _padded_gram_cost(a: torch.Tensor, g: torch.Tensor, module, padding) -> float:
+    """Multiply-adds per sample of :func:`_padded_gram_sq_norms`, strided adds weighted."""
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    c_in, c_out, ho = a.shape[1], g.shape[1], g.shape[2]
+    rows, cols = a.shape[2] + 2 * padding[0], a.shape[3] + 2 * padding[1]
+    phases = {((i * dh) % sh, (j * dw) % sw) for i in range(kh) for j in range(kw)}
+    width = -(-cols // sw)
+    length = ho * width
+    span = min(-(-rows // sh) + 1, ho + (kh - 1) * dh // sh + 1) * width
+    return len(phases) * span * span * c_in + length * length * (
+        c_out + STRIDED_ADD_COST * kh * kw
+    )
+
+
+def _im2col_sq_norms(a: torch.Tensor, g: torch.Tensor, module, padding) -> torch.Tensor:
+    """float64 [N] squared norms of per-sample 2-D convolution weight gradients (groups=1) with an
+    explicit im2col built by one strided copy, and one batched product g_n [C_out, L] @ cols_n.
+    The copy runs along its longest contiguous axis: channels (channels-last [N, L, D]) when
+    there are more channels than output columns and the kernel has more than one tap (so that the
+    channels-last copy of the input is small next to the im2col), output columns ([N, D, L])
+    otherwise."""
+    n, c_in = a.shape[:2]
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    ho, wo = g.shape[2:]
+    padded = F.pad(a, (padding[1], padding[1], padding[0], padding[0]))
+    g_flat = g.reshape(n, g.shape[1], -1)
+    if c_in >= wo and kh * kw > 1:
+        padded = padded.permute(0, 2, 3, 1).contiguous()  # [N, H, W, C]
+        s_n, s_h, s_w, s_c = padded.stride()
+        cols = padded.as_strided(
+            (n, ho, wo, kh, kw, c_in), (s_n, sh * s_h, sw * s_w, dh * s_h, dw * s_w, s_c)
+        ).reshape(n, ho * wo, kh * kw * c_in)
+        return squared_norms(torch.bmm(g_flat, cols))
+    padded = padded.contiguous()
+    s_n, s_c, s_h, s_w = padded.stride()
+    cols = padded.as_strided(
+        (n, c_in, kh, kw, ho, wo), (s_n, s_c, dh * s_h, dw * s_w, sh * s_h, sw * s_w)
+    ).reshape(n, c_in * kh * kw, ho * wo)
+    return squared_norms(torch.bmm(g_flat, cols.transpose(1, 2)))
 
 
 def conv_rule(module: nn.modules.conv._ConvNd, a: torch.Tensor, g: torch.Tensor) -> SquaredNorms:
@@ -172,32 +261,34 @@ def conv_rule(module: nn.modules.conv._ConvNd, a: torch.Tensor, g: torch.Tensor)
     weight = bias = None
     if _wants(module, "weight"):
         spatial = len(module.kernel_size)
-        planar = not module.transposed and module.groups == 1 and spatial <= 2
-        conv, a2, g2, pad2 = module, a, g, padding
-        if planar and spatial == 1:  # a 1-D convolution is a 2-D one of height 1
-            conv, a2, g2, pad2 = _As2d(module), a.unsqueeze(2), g.unsqueeze(2), [0, *padding]
-        c_out, length = g.shape[1], g[0, 0].numel()  # output channels, output positions L
-        d = module.weight[0].numel()  # C_in / groups * prod(kernel)
-        if planar:
-            # the shifted windows run over the padded width: that many more positions
-            wide = length * (a2.shape[-1] + 2 * pad2[-1]) / (conv.stride[-1] * g2.shape[-1])
-            ghost = _use_ghost(length * length * (d + c_out), wide * d * c_out)
-            if ghost or d <= SMALL_IM2COL:
-                cols = F.unfold(
-                    a2, conv.kernel_size, dilation=conv.dilation, padding=pad2, stride=conv.stride
-                )  # [N, D, L]
-                g_flat = g.reshape(n, c_out, -1)
-                if ghost:
-                    weight = _gram_sum(cols.transpose(1, 2), g_flat.transpose(1, 2))
-                else:  # few input channels: im2col is cheap and one bmm per sample does it all
-                    weight = squared_norms(torch.bmm(g_flat, cols.transpose(1, 2)))
-            else:
-                weight = _shifted_window_sq_norms(a2, g2, conv, pad2)
+        if not module.transposed and module.groups == 1 and spatial <= 2:
+            conv, a2, g2, pad2 = module, a, g, padding
+            if spatial == 1:  # a 1-D convolution is a 2-D one of height 1
+                conv, a2, g2, pad2 = _As2d(module), a.unsqueeze(2), g.unsqueeze(2), [0, *padding]
+            weight = _planar_conv_sq_norms(conv, a2, g2, pad2)
         else:
             weight = squared_norms(_per_sample_conv_weight_grads(module, a, g, padding))
     if _wants(module, "bias"):
         bias = squared_norms(g.flatten(2).sum(dim=2))
     return _weight_and_bias(weight, bias)
+
+
+def _planar_conv_sq_norms(conv, a: torch.Tensor, g: torch.Tensor, padding) -> torch.Tensor:
+    """Weight squared norms of a 2-D, groups=1 convolution by the cheapest exact route: ghost norm
+    on the padded input's Gram matrix, or materialisation through im2col or shifted windows."""
+    n, c_out, length = g.shape[0], g.shape[1], g.shape[2] * g.shape[3]
+    d = conv.weight[0].numel()  # C_in x kernel area
+    small = d <= SMALL_IM2COL or n * length * d * a.element_size() <= IM2COL_BYTES
+    if FORCE_METHOD == "im2col":
+        return _im2col_sq_norms(a, g, conv, padding)
+    # the shifted windows run over the padded width: that many more positions
+    wide = length * (a.shape[-1] + 2 * padding[-1]) / (conv.stride[-1] * g.shape[-1])
+    materialize = (length if small else wide) * d * c_out
+    if _use_ghost(_padded_gram_cost(a, g, conv, padding), materialize):
+        return _padded_gram_sq_norms(a, g, conv, padding)
+    if small and FORCE_METHOD is None:
+        return _im2col_sq_norms(a, g, conv, padding)
+    return _shifted_window_sq_norms(a, g, conv, padding)
 
 
 class _As2d:
