@@ -256,7 +256,6 @@ def _im2col_sq_norms(a: torch.Tensor, g: torch.Tensor, module, padding) -> torch
 
 
 def conv_rule(module: nn.modules.conv._ConvNd, a: torch.Tensor, g: torch.Tensor) -> SquaredNorms:
-    n = a.shape[0]
     a, padding = _conv_input(module, a)
     weight = bias = None
     if _wants(module, "weight"):
