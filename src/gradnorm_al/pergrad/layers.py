@@ -223,9 +223,7 @@ def _padded_gram_cost(a: torch.Tensor, g: torch.Tensor, module, padding) -> floa
     width = -(-cols // sw)
     length = ho * width
     span = min(-(-rows // sh) + 1, ho + (kh - 1) * dh // sh + 1) * width
-    return len(phases) * span * span * c_in + length * length * (
-        c_out + STRIDED_ADD_COST * kh * kw
-    )
+    return len(phases) * span * span * c_in + length * length * (c_out + STRIDED_ADD_COST * kh * kw)
 
 
 def _im2col_sq_norms(a: torch.Tensor, g: torch.Tensor, module, padding) -> torch.Tensor:
