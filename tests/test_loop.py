@@ -7,11 +7,12 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from gradnorm_al import ConfigError, create_model, create_strategy
 from gradnorm_al.loop import LoopConfig, run_trial
 from gradnorm_al.strategies import Strategy
-from gradnorm_al.train import TrainConfig
+from gradnorm_al.train import Auxiliary, TrainConfig, fit
 
 TRAIN = TrainConfig(epochs=2, lr=0.05, batch_size=32)
 
@@ -133,3 +134,71 @@ def test_a_schedule_that_exactly_exhausts_the_pool_is_allowed():
     LoopConfig(cycles=3, initial_fraction=0.5, budget_fraction=0.25).validate(100)
     with pytest.raises(ConfigError):
         LoopConfig(cycles=4, initial_fraction=0.5, budget_fraction=0.25).validate(100)
+
+
+class _Penalty(nn.Module):
+    """A trainable scale whose loss pulls the per-sample losses of a batch towards its value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(5.0))
+
+
+class _PenaltyAux(Auxiliary):
+    def __init__(self) -> None:
+        self.module = _Penalty()
+        self.calls: list[tuple[int, int, int]] = []
+
+    def loss(self, per_sample_loss, epoch, epochs):
+        self.calls.append((len(per_sample_loss), epoch, epochs))
+        return ((per_sample_loss - self.module.scale) ** 2).mean()
+
+
+class WithAuxiliary(Strategy):
+    """Random selection plus a jointly trained auxiliary module; records every module built."""
+
+    def __init__(self) -> None:
+        self.built: list[_PenaltyAux] = []
+
+    def auxiliary(self, model):
+        self.built.append(_PenaltyAux())
+        return self.built[-1]
+
+    def select(self, ctx, k):
+        return ctx.rng.choice(ctx.candidates, size=k, replace=False)
+
+
+@pytest.mark.parametrize("reinit", [False, True])
+def test_a_strategy_can_train_an_auxiliary_module_jointly(small_digits, reinit):
+    loop = LoopConfig(
+        cycles=3, initial_fraction=0.1, budget_fraction=0.05, reinit_each_cycle=reinit
+    )
+    strategy = WithAuxiliary()
+    _run(small_digits, strategy, loop=loop)
+    # one module per task model built: once with warm start, every cycle with reinit
+    assert len(strategy.built) == (3 if reinit else 1)
+    aux = strategy.built[-1]
+    assert all(epochs == TRAIN.epochs and 0 <= e < epochs for _, e, epochs in aux.calls)
+    # every labelled sample of every fit it took part in, once per epoch (30, 45, 60 labelled)
+    assert sum(b for b, e, _ in aux.calls if e == 0) == (60 if reinit else 30 + 45 + 60)
+    # trained by the task model's optimizer, and left in eval mode
+    assert aux.module.scale.item() != 5.0 and not aux.module.training
+
+
+def test_the_auxiliary_loss_is_added_to_the_task_loss(small_digits):
+    def trained(auxiliary):
+        torch.manual_seed(0)
+        model = create_model("smallcnn", num_classes=10, in_channels=1)
+        fit(
+            model,
+            small_digits.train,
+            np.arange(64),
+            TRAIN,
+            device=torch.device("cpu"),
+            seed=3,
+            auxiliary=auxiliary,
+        )
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    plain, again, joint = trained(None), trained(None), trained(_PenaltyAux())
+    assert torch.equal(plain, again) and not torch.allclose(plain, joint)

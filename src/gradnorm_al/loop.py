@@ -13,7 +13,16 @@ from torch import nn
 from .data import DatasetBundle
 from .errors import ConfigError
 from .pool import Pool, initial_count
-from .seeding import INIT_POOL, MODEL_INIT, STRATEGY, SUBSET, TRAIN, derive_seed, rng
+from .seeding import (
+    AUXILIARY_INIT,
+    INIT_POOL,
+    MODEL_INIT,
+    STRATEGY,
+    SUBSET,
+    TRAIN,
+    derive_seed,
+    rng,
+)
 from .strategies import SelectionContext, Strategy
 from .train import TrainConfig, accuracy, fit
 
@@ -105,15 +114,28 @@ def run_trial(
     loop.validate(n)
     k = loop.budget(n)
     pool = Pool.initial(n, loop.initial_fraction, rng(seed, INIT_POOL))
+
+    def build(model_seed: int) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(model_seed)
+            return strategy.prepare_model(model_factory()).to(device)
+
+    def trainer(indices: np.ndarray, member_seed: int) -> nn.Module:
+        """A fresh model trained like the task model on ``indices`` (for committees)."""
+        member = build(member_seed)
+        fit(member, bundle.train, indices, train, device=device, seed=member_seed)
+        return member
+
     model: nn.Module | None = None
+    auxiliary = None
     records = []
     for cycle in range(loop.cycles):
         if model is None or loop.reinit_each_cycle:
+            built = cycle if loop.reinit_each_cycle else 0
+            model = build(derive_seed(seed, MODEL_INIT, built))
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(
-                    derive_seed(seed, MODEL_INIT, cycle if loop.reinit_each_cycle else 0)
-                )
-                model = model_factory().to(device)
+                torch.manual_seed(derive_seed(seed, AUXILIARY_INIT, built))
+                auxiliary = strategy.auxiliary(model)
         labeled = pool.labeled()
         tag = f"{strategy_name} t{trial} c{cycle}"
         started = time.perf_counter()
@@ -126,6 +148,7 @@ def run_trial(
             seed=derive_seed(seed, TRAIN, cycle),
             progress=progress,
             desc=f"train {tag}",
+            auxiliary=auxiliary,
         )
         train_seconds = time.perf_counter() - started
         test_acc = accuracy(model, bundle.test, device=device, batch_size=train.eval_batch_size)
@@ -150,6 +173,7 @@ def run_trial(
                 rng=rng(seed, STRATEGY, cycle),
                 batch_size=loop.score_batch_size,
                 progress=progress,
+                trainer=trainer,
             )
             started = time.perf_counter()
             with torch.random.fork_rng(devices=[]):

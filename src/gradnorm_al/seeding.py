@@ -1,7 +1,7 @@
 """Independent, reproducible seeds for every random choice of a run.
 
 Each choice (initial pool, model initialisation, a cycle's batch order, candidate subset, the
-strategy's own randomness) gets its own seed derived from the trial seed and the cycle, so no choice
+strategy's own randomness, a strategy's auxiliary module) gets its own seed derived from the trial seed and the cycle, so no choice
 depends on how many random numbers an earlier one consumed. That keeps strategies comparable and
 makes a cycle reproducible on its own.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-INIT_POOL, MODEL_INIT, TRAIN, SUBSET, STRATEGY = range(5)
+INIT_POOL, MODEL_INIT, TRAIN, SUBSET, STRATEGY, AUXILIARY_INIT = range(6)
 
 
 def derive_seed(seed: int, *keys: int) -> int:

@@ -38,6 +38,22 @@ class TrainConfig:
         return list(self.milestones)
 
 
+class Auxiliary:
+    """A module a strategy trains jointly with the task model (learning loss's loss predictor).
+
+    ``module``'s parameters join the task model's in one SGD optimizer with the same
+    hyper-parameters and schedule (the same as two optimizers with equal settings). After every
+    forward pass of a training batch, :meth:`loss` gets the per-sample cross-entropy [B] of the
+    batch and returns a scalar added to the task loss; features it needs it captures itself (e.g.
+    with forward hooks it registered on the model).
+    """
+
+    module: nn.Module
+
+    def loss(self, per_sample_loss: torch.Tensor, epoch: int, epochs: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
 def fit(
     model: nn.Module,
     dataset: Dataset,
@@ -48,37 +64,51 @@ def fit(
     seed: int,
     progress: bool = False,
     desc: str = "train",
+    auxiliary: Auxiliary | None = None,
 ) -> None:
     """Train ``model`` on ``dataset[indices]`` for ``cfg.epochs`` epochs; a fresh optimizer and
     schedule each call (the published warm start re-creates them every cycle).
 
     ``seed`` fixes batch order and any randomness in the model (dropout, augmentation in the
     default process). A batch of a single sample is skipped: BatchNorm cannot train on it.
+    ``auxiliary``: a module trained jointly, its loss added to the task loss (see
+    :class:`Auxiliary`).
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
+    params = list(model.parameters())
+    if auxiliary is not None:
+        params += list(auxiliary.module.parameters())
+        auxiliary.module.train()
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
     schedule = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=cfg.resolved_milestones(), gamma=cfg.gamma
     )
     model.train()
     epochs = tqdm(range(cfg.epochs), desc=desc, leave=False, unit="epoch", disable=not progress)
-    for _ in epochs:
+    for epoch in epochs:
         for x, y in iter_batches(
             dataset, cfg.batch_size, indices, shuffle=True, generator=generator
         ):
             if len(x) < 2:
                 continue
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = F.cross_entropy(first_output(model(x)), y)
+            logits = first_output(model(x))
+            if auxiliary is None:
+                loss = F.cross_entropy(logits, y)
+            else:
+                per_sample = F.cross_entropy(logits, y, reduction="none")
+                loss = per_sample.mean() + auxiliary.loss(per_sample, epoch, cfg.epochs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         schedule.step()
     optimizer.zero_grad(set_to_none=True)
     model.eval()
+    if auxiliary is not None:
+        auxiliary.module.eval()
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, Subset
 
 from ..errors import PoolError
 from ..registry import Registry
+from ..train import Auxiliary
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ class SelectionContext:
     rng : the strategy's own seeded random generator for this selection.
     batch_size : batch size for forward / backward passes over candidates.
     progress : whether to show progress bars.
+    trainer : ``trainer(indices, seed)`` trains and returns a fresh task model (same architecture,
+        recipe and :meth:`Strategy.prepare_model` as the task model) on the training pool rows
+        ``indices`` (repeats allowed: bootstrap resamples), in eval mode on ``device``; None
+        where no training is possible (strategies that need it then refuse with a clear error).
     """
 
     model: nn.Module
@@ -46,15 +51,31 @@ class SelectionContext:
     rng: np.random.Generator
     batch_size: int = 128
     progress: bool = False
+    trainer: Callable[[np.ndarray, int], nn.Module] | None = None
 
     def candidate_data(self) -> Dataset:
         return Subset(self.pool, self.candidates.tolist())
+
+    def data(self, indices: np.ndarray) -> Dataset:
+        return Subset(self.pool, np.asarray(indices).tolist())
 
 
 class Strategy:
     """Chooses ``k`` of the context's candidates; returns their pool indices."""
 
     name: str = "strategy"
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Called by the loop on every freshly built task model, before its first training.
+
+        A method that changes the model it trains (MC dropout adds a dropout layer) does it here;
+        the default leaves the model as it is."""
+        return model
+
+    def auxiliary(self, model: nn.Module) -> Auxiliary | None:
+        """Called by the loop once per task model built (after :meth:`prepare_model`): a module to
+        train jointly with it every cycle (see :class:`gradnorm_al.train.Auxiliary`), or None."""
+        return None
 
     def select(self, ctx: SelectionContext, k: int) -> np.ndarray:
         raise NotImplementedError
