@@ -1,9 +1,9 @@
 """Independent, reproducible seeds for every random choice of a run.
 
 Each choice (initial pool, model initialisation, a cycle's batch order, candidate subset, the
-strategy's own randomness, a strategy's auxiliary module) gets its own seed derived from the trial seed and the cycle, so no choice
-depends on how many random numbers an earlier one consumed. That keeps strategies comparable and
-makes a cycle reproducible on its own.
+strategy's own randomness and auxiliary module) gets its own seed derived from the trial seed and
+the cycle, so no choice depends on how many random numbers an earlier one consumed. That keeps
+strategies comparable and makes a cycle reproducible on its own.
 """
 
 from __future__ import annotations

@@ -1,6 +1,15 @@
 """Selection strategies, one module per family, behind one registry."""
 
-from . import gradnorm, random  # noqa: F401  (register the strategies)
+from . import (  # noqa: F401  (register the strategies)
+    badge,
+    coreset,
+    egl,
+    gradnorm,
+    mc_dropout,
+    qbc,
+    random,
+    uncertainty,
+)
 from .base import (
     STRATEGIES,
     ScoringStrategy,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -73,3 +74,25 @@ def features(
 def entropy(p: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) of each row of probabilities [n, C] -> [n]; 0 log 0 = 0."""
     return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(dim=1)
+
+
+@contextlib.contextmanager
+def seeded_torch(device: torch.device, seed: int) -> Iterator[None]:
+    """Seed torch's generators for CPU and ``device`` with ``seed`` for the body and restore their
+    previous states afterwards (the caller's random stream is left as it was)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.random.fork_rng(devices=[index]):
+            torch.default_generator.manual_seed(seed)
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+            yield
+    elif device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            yield
+    else:
+        with torch.random.fork_rng(device_type=device.type):
+            torch.manual_seed(seed)
+            yield
