@@ -182,12 +182,20 @@ class ExperimentConfig:
 
 
 def demo_config() -> ExperimentConfig:
-    """The embedded demo: digits, random vs the two gradnorm schemes, Algorithm 1 at CPU scale
-    (3 trials, 7 cycles 10% -> 40%, warm start), a few minutes on 2 CPU cores."""
+    """The embedded demo: digits, the two gradnorm schemes against random, entropy, core-set and
+    MC dropout, Algorithm 1 at CPU scale (3 trials, 7 cycles 10% -> 40%, warm start), a few
+    minutes on 2 CPU cores."""
     return ExperimentConfig(
         dataset="digits",
         model="smallcnn",
-        strategies=["random", "entropy-gradnorm", "expected-gradnorm"],
+        strategies=[
+            "random",
+            "entropy",
+            "core-set",
+            "mc-dropout",
+            "entropy-gradnorm",
+            "expected-gradnorm",
+        ],
         trials=3,
         cycles=7,
         initial_fraction=0.10,
