@@ -170,7 +170,15 @@ def test_embedding_with_repeated_indices_and_padding():
     _assert_exact(model, idx)
 
 
-@pytest.mark.parametrize("name, shape", [("smallcnn", (1, 10, 10)), ("resnet18-cifar", (3, 8, 8))])
+@pytest.mark.parametrize(
+    "name, shape",
+    [
+        ("smallcnn", (1, 10, 10)),
+        ("resnet18-cifar", (3, 8, 8)),
+        ("resnet18", (3, 32, 32)),
+        ("vgg16", (3, 32, 32)),
+    ],
+)
 def test_package_models(name, shape):
     torch.manual_seed(0)
     model = randomise_bn(create_model(name, num_classes=10, in_channels=shape[0])).double()
