@@ -178,7 +178,9 @@ def test_run_exit_status_and_files(full_run: tuple[Outcome, Path]) -> None:
     result, out = full_run
     assert result.code == 0, result.err
     assert result.err == ""  # --quiet: no progress bars, no log lines
-    assert sorted(p.name for p in out.iterdir()) == sorted(RUN_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*RUN_FILES, "state"])
+    # one checkpoint per strategy x trial
+    assert len(list((out / "state").glob("*.pt"))) == 2 * TRIALS
 
 
 def test_run_results_csv(full_run: tuple[Outcome, Path]) -> None:

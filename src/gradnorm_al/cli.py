@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import GradnormALError
+from .errors import ConfigError, GradnormALError
 
 EXIT_USAGE = 2
 
@@ -30,6 +30,13 @@ def _int(text: str) -> int:
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     s = argparse.SUPPRESS  # only options given on the command line override the config file
+    p.add_argument(
+        "--preset",
+        metavar="NAME",
+        default=s,
+        help="start from a shipped preset (see `gradnorm-al presets`); --config and the options "
+        "below override it",
+    )
     p.add_argument("--config", metavar="FILE", default=s, help="YAML file holding any option below")
     p.add_argument("--dataset", default=s, help="dataset name (see `gradnorm-al list`)")
     p.add_argument("--model", default=s, help="model name (default: the dataset's default)")
@@ -65,6 +72,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         type=_int,
         default=s,
         help="random unlabelled candidates scored per cycle (default: all)",
+    )
+    p.add_argument(
+        "--pool-size",
+        type=_int,
+        default=s,
+        help="use a fixed seeded random pool of this many training samples (default: all)",
     )
     p.add_argument("--epochs", type=_int, default=s, help="epochs per cycle (default 200)")
     p.add_argument("--lr", type=float, default=s, help="SGD learning rate (default 0.1)")
@@ -132,11 +145,29 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run Algorithm 1 for one or more strategies")
     _add_run_options(run)
     _add_output_options(run, "gradnorm-al-run")
+    run.add_argument(
+        "--resume",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="continue the interrupted run in DIR with its own config.yaml (only --device, "
+        "--data-root and --quiet may be given with it)",
+    )
     sub.add_parser("list", help="list the known datasets, models and strategies")
+    sub.add_parser("presets", help="list the shipped experiment presets")
+    report = sub.add_parser(
+        "report",
+        help="one report (report.html, curves.png, summary.md) over one or more run folders",
+    )
+    report.add_argument(
+        "runs", nargs="+", metavar="DIR", help="run folders (different strategies, same seeds)"
+    )
+    report.add_argument(
+        "--out", metavar="DIR", default=None, help="where to write (default: the single DIR)"
+    )
     return parser
 
 
-def _run(config, args: argparse.Namespace) -> int:
+def _run(config, args: argparse.Namespace, resume: bool = False) -> int:
     from .experiment import run_experiment
 
     def log(message: str) -> None:
@@ -144,7 +175,12 @@ def _run(config, args: argparse.Namespace) -> int:
             print(message, file=sys.stderr, flush=True)
 
     result = run_experiment(
-        config, Path(args.out), overwrite=args.overwrite, progress=not args.quiet, log=log
+        config,
+        Path(args.out),
+        overwrite=args.overwrite,
+        resume=resume,
+        progress=not args.quiet,
+        log=log,
     )
     print(result.table, end="")
     print(
@@ -162,11 +198,40 @@ def _list() -> int:
     return 0
 
 
+def _presets() -> int:
+    from .experiment.presets import preset_description, preset_names
+
+    names = preset_names()
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name:<{width}}  {preset_description(name)}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .experiment.html_report import write_report
+
+    if args.out is None and len(args.runs) > 1:
+        raise ConfigError("several run folders are merged into a new one: give --out DIR")
+    out = Path(args.out if args.out is not None else args.runs[0])
+    result = write_report([Path(r) for r in args.runs], out)
+    print(result.table, end="" if result.table.endswith("\n") else "\n")
+    print(f"wrote {out}/ (report.html, curves.png, summary.md)")
+    return 0
+
+
+RESUME_OPTIONS = {"device", "data_root"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "list":
             return _list()
+        if args.command == "presets":
+            return _presets()
+        if args.command == "report":
+            return _report(args)
         from .experiment.config import ExperimentConfig, demo_config
 
         if args.command == "demo":
@@ -174,9 +239,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = {
             k: v
             for k, v in vars(args).items()
-            if k not in ("command", "config", "out", "overwrite", "quiet")
+            if k not in ("command", "config", "preset", "resume", "out", "overwrite", "quiet")
         }
-        base = ExperimentConfig.from_yaml(args.config) if hasattr(args, "config") else None
+        if hasattr(args, "resume"):
+            from .experiment.runner import read_run_config
+
+            extra = sorted(set(options) - RESUME_OPTIONS) + [
+                name for name in ("config", "preset") if hasattr(args, name)
+            ]
+            if extra or args.overwrite:
+                given = ", ".join("--" + n.replace("_", "-") for n in extra or ["overwrite"])
+                raise ConfigError(
+                    f"--resume continues a run with the options in its config.yaml; drop {given}"
+                )
+            args.out = args.resume
+            return _run(
+                ExperimentConfig.from_dict(options, read_run_config(args.resume)), args, True
+            )
+        base = None
+        if hasattr(args, "preset"):
+            from .experiment.presets import load_preset
+
+            base = load_preset(args.preset)
+        if hasattr(args, "config"):
+            base = ExperimentConfig.from_yaml(args.config, base)
         return _run(ExperimentConfig.from_dict(options, base), args)
     except GradnormALError as exc:
         print(f"gradnorm-al: error: {exc}", file=sys.stderr)

@@ -24,7 +24,7 @@ from .seeding import (
     rng,
 )
 from .strategies import SelectionContext, Strategy
-from .train import TrainConfig, accuracy, fit
+from .train import Auxiliary, TrainConfig, accuracy, fit
 
 
 @dataclass
@@ -91,6 +91,22 @@ class CycleRecord:
     selected: np.ndarray | None = None
 
 
+@dataclass
+class TrialState:
+    """What continuing a trial after its first ``next_cycle`` cycles needs.
+
+    Nothing else carries over between cycles: every cycle's optimizer and schedule are created
+    afresh (the published warm start) and every random choice is seeded from (trial seed, cycle),
+    so a trial resumed from this state computes exactly what an uninterrupted one does.
+    """
+
+    next_cycle: int
+    pool: dict  # Pool.state_dict(): the labelled set after the last finished cycle's selection
+    model: dict[str, torch.Tensor] | None  # the task model after that cycle (the warm start)
+    auxiliary: dict[str, torch.Tensor] | None  # the strategy's auxiliary module, if any
+    records: list[CycleRecord]
+
+
 def run_trial(
     *,
     bundle: DatasetBundle,
@@ -104,11 +120,15 @@ def run_trial(
     device: torch.device,
     progress: bool = False,
     on_cycle: Callable[[CycleRecord], None] | None = None,
+    on_state: Callable[[TrialState], None] | None = None,
+    resume: TrialState | None = None,
 ) -> list[CycleRecord]:
     """Run Algorithm 1 for one strategy in one trial and return one record per cycle.
 
     Every random choice is seeded from ``seed`` (see :mod:`gradnorm_al.seeding`), so all strategies
-    of a trial start from the same labelled pool and the same initial model.
+    of a trial start from the same labelled pool and the same initial model. After every cycle
+    ``on_state`` gets the :class:`TrialState` to continue from (then ``on_cycle`` the record);
+    ``resume`` continues from such a state.
     """
     n = bundle.pool_size
     loop.validate(n)
@@ -126,16 +146,28 @@ def run_trial(
         fit(member, bundle.train, indices, train, device=device, seed=member_seed)
         return member
 
+    def build_with_auxiliary(cycle: int) -> tuple[nn.Module, Auxiliary | None]:
+        built = cycle if loop.reinit_each_cycle else 0
+        model = build(derive_seed(seed, MODEL_INIT, built))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, AUXILIARY_INIT, built))
+            return model, strategy.auxiliary(model)
+
     model: nn.Module | None = None
-    auxiliary = None
-    records = []
-    for cycle in range(loop.cycles):
+    auxiliary: Auxiliary | None = None
+    records: list[CycleRecord] = []
+    start = 0
+    if resume is not None:
+        start, records = resume.next_cycle, list(resume.records)
+        pool.load_state_dict(resume.pool)
+        if resume.model is not None and start < loop.cycles:
+            model, auxiliary = build_with_auxiliary(start - 1)
+            model.load_state_dict(resume.model)
+            if auxiliary is not None and resume.auxiliary is not None:
+                auxiliary.module.load_state_dict(resume.auxiliary)
+    for cycle in range(start, loop.cycles):
         if model is None or loop.reinit_each_cycle:
-            built = cycle if loop.reinit_each_cycle else 0
-            model = build(derive_seed(seed, MODEL_INIT, built))
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derive_seed(seed, AUXILIARY_INIT, built))
-                auxiliary = strategy.auxiliary(model)
+            model, auxiliary = build_with_auxiliary(cycle)
         labeled = pool.labeled()
         tag = f"{strategy_name} t{trial} c{cycle}"
         started = time.perf_counter()
@@ -195,6 +227,17 @@ def run_trial(
             selected=selected,
         )
         records.append(record)
+        if on_state is not None:
+            last = cycle == loop.cycles - 1
+            on_state(
+                TrialState(
+                    next_cycle=cycle + 1,
+                    pool=pool.state_dict(),
+                    model=None if last else model.state_dict(),
+                    auxiliary=None if last or auxiliary is None else auxiliary.module.state_dict(),
+                    records=list(records),
+                )
+            )
         if on_cycle is not None:
             on_cycle(record)
     return records

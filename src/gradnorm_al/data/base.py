@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from ..errors import DataError
 from ..registry import Registry
@@ -45,6 +46,25 @@ class DatasetBundle:
     @property
     def pool_size(self) -> int:
         return len(self.train_targets)
+
+    def with_pool_subset(self, size: int, rng: np.random.Generator) -> DatasetBundle:
+        """The same data with a random pool of ``size`` training samples (test set unchanged);
+        pool index i of the result is training sample ``indices[i]`` (sorted)."""
+        if not 1 <= size <= self.pool_size:
+            raise DataError(
+                f"{self.name}: pool size {size} is not between 1 and the {self.pool_size} "
+                "training samples; lower --pool-size"
+            )
+        if size == self.pool_size:
+            return self
+        idx = np.sort(rng.choice(self.pool_size, size=size, replace=False))
+        return dataclasses.replace(
+            self,
+            name=f"{self.name}[pool {size}]",
+            train=Subset(self.train, idx.tolist()),
+            train_eval=Subset(self.train_eval, idx.tolist()),
+            train_targets=self.train_targets[idx],
+        )
 
 
 def check_labels(targets: np.ndarray, num_classes: int, what: str) -> None:

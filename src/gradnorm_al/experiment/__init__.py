@@ -1,6 +1,8 @@
 """Experiments: configs, running every strategy x trial, the results store and reports."""
 
 from .config import ExperimentConfig
+from .html_report import ReportResult, write_report
+from .presets import load_preset, preset_names
 from .results import RESULT_COLUMNS, read_results
 from .runner import ExperimentResult, run_experiment
 
@@ -8,6 +10,10 @@ __all__ = [
     "RESULT_COLUMNS",
     "ExperimentConfig",
     "ExperimentResult",
+    "ReportResult",
+    "load_preset",
+    "preset_names",
     "read_results",
     "run_experiment",
+    "write_report",
 ]

@@ -27,6 +27,7 @@ class ExperimentConfig:
     data_root: str | None = None
     download: bool = False
     norm: str = "tensor-sum"  # for gradnorm strategies: "tensor-sum" (published) or "l2" (Eq. 5)
+    pool_size: int | None = None  # a seeded random pool of this many training samples (CPU scale)
     strategy_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     # the active-learning schedule (LoopConfig)
     cycles: int = 7
@@ -149,10 +150,12 @@ class ExperimentConfig:
                 is_num(value) and value >= 0,
                 f"{name.replace('_', '-')} must be a number >= 0, got {value!r}",
             )
-        need(
-            self.subset_size is None or (is_int(self.subset_size) and self.subset_size >= 1),
-            f"subset-size must be an integer >= 1, got {self.subset_size!r}",
-        )
+        for name in ("subset_size", "pool_size"):
+            value = getattr(self, name)
+            need(
+                value is None or (is_int(value) and value >= 1),
+                f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}",
+            )
         need(
             self.milestones is None
             or (

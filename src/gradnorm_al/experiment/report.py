@@ -25,6 +25,7 @@ class StrategySummary:
     fractions: np.ndarray  # [cycles] labelled fraction per cycle
     accuracy: np.ndarray  # [trials, cycles] test accuracy
     auc: np.ndarray  # [trials]
+    trial_ids: np.ndarray | None = None  # [trials] the trial number of each row (seed + trial)
 
     @property
     def trials(self) -> int:
@@ -55,9 +56,21 @@ def summarise(rows: list[dict[str, Any]]) -> list[StrategySummary]:
         acc = np.array([[trials[t][c]["test_accuracy"] for c in range(cycles)] for t in complete])
         fractions = np.array([trials[complete[0]][c]["labeled_fraction"] for c in range(cycles)])
         summaries.append(
-            StrategySummary(strategy, fractions, acc, area_under_curve(fractions, acc))
+            StrategySummary(
+                strategy, fractions, acc, area_under_curve(fractions, acc), np.array(complete)
+            )
         )
     return summaries
+
+
+def per_trial_auc(summaries: list[StrategySummary]) -> dict[str, dict[int, float]]:
+    """``{strategy: {trial: AUC}}``: the per-trial areas keyed by trial, so strategies can be
+    paired on the trials (seeds) they share."""
+    out: dict[str, dict[int, float]] = {}
+    for s in summaries:
+        ids = s.trial_ids if s.trial_ids is not None else np.arange(s.trials)
+        out[s.strategy] = {int(t): float(a) for t, a in zip(ids, s.auc)}
+    return out
 
 
 def _mean_std(values: np.ndarray) -> str:

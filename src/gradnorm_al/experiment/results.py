@@ -41,7 +41,7 @@ class ResultsStore:
         self.rows: list[dict[str, Any]] = []
         self.selections: list[dict[str, Any]] = []
 
-    def add(self, record: CycleRecord) -> None:
+    def add(self, record: CycleRecord, flush: bool = True) -> None:
         self.rows.append(record_row(record))
         if record.selected is not None:
             self.selections.append(
@@ -52,7 +52,8 @@ class ResultsStore:
                     "indices": [int(i) for i in record.selected],
                 }
             )
-        self.flush()
+        if flush:
+            self.flush()
 
     def flush(self) -> None:
         atomic_write_text(self.out_dir / RESULTS_FILE, rows_to_csv(self.rows))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,13 +17,15 @@ from ..errors import ConfigError, RunDirectoryError
 from ..loop import run_trial
 from ..models import MODELS, create_model
 from ..pergrad.common import check_norm
+from ..seeding import POOL_SUBSET, rng
 from ..strategies import STRATEGIES, accepted_params, create_strategy
+from .checkpoint import STATE_DIR, load_state, save_state, state_path
 from .config import ExperimentConfig
 from .report import write_summary
 from .results import RESULTS_FILE, SELECTIONS_FILE, ResultsStore
 
 CONFIG_FILE = "config.yaml"
-RUN_FILES = (CONFIG_FILE, RESULTS_FILE, SELECTIONS_FILE, "summary.md", "curves.png")
+RUN_FILES = (CONFIG_FILE, RESULTS_FILE, SELECTIONS_FILE, "summary.md", "curves.png", STATE_DIR)
 
 
 @dataclass
@@ -77,7 +80,8 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
         )
     try:
         for name in existing:
-            (out_dir / name).unlink()
+            path = out_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise RunDirectoryError(
@@ -92,11 +96,23 @@ def strategy_kwargs(config: ExperimentConfig, name: str) -> dict:
     return params
 
 
+def read_run_config(out_dir: str | Path) -> ExperimentConfig:
+    """The configuration a run folder was started with (for ``--resume``)."""
+    path = Path(out_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise RunDirectoryError(
+            f"{out_dir} holds no run to resume ({CONFIG_FILE} is missing); start it with "
+            "gradnorm-al run --out DIR"
+        )
+    return ExperimentConfig.from_yaml(path)
+
+
 def run_experiment(
     config: ExperimentConfig,
     out_dir: str | Path,
     *,
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = lambda _msg: None,
     bundle: DatasetBundle | None = None,
@@ -104,17 +120,25 @@ def run_experiment(
     """Run every strategy of ``config`` for every trial and write the run folder.
 
     All strategies of trial t use seed ``config.seed + t`` (same initial pool, same initial
-    model). results.csv and selections.jsonl are rewritten atomically after every cycle;
-    config.yaml first; summary.md and curves.png at the end. ``bundle`` overrides loading
-    ``config.dataset`` (for tests and custom data).
+    model). After every cycle the trial's state (labelled pool, model, auxiliary module, records
+    so far) is written atomically to ``state/<strategy>.t<trial>.pt`` and then results.csv and
+    selections.jsonl are rewritten atomically; config.yaml comes first, summary.md and curves.png
+    at the end. ``resume=True`` continues the run in ``out_dir`` (started with this ``config``)
+    from its checkpoints: finished cycles are neither recomputed nor lost, and the results equal
+    an uninterrupted run's (CPU, same seed). ``bundle`` overrides loading ``config.dataset`` (for
+    tests and custom data).
     """
     started = time.perf_counter()
     config.check_types()
     validate_names(config)
     device = resolve_device(config.device)
     out = Path(out_dir)
+    if resume and not (out / CONFIG_FILE).is_file():
+        read_run_config(out)  # raises the explanation
     if bundle is None:
         bundle = load_dataset(config.dataset, config.data_root, config.download)
+    if config.pool_size is not None:
+        bundle = bundle.with_pool_subset(config.pool_size, rng(config.seed, POOL_SUBSET))
     loop, train = config.loop_config(), config.train_config()
     loop.validate(bundle.pool_size)
     strategies = {
@@ -124,8 +148,9 @@ def run_experiment(
     model_factory = partial(
         create_model, model_name, num_classes=bundle.num_classes, in_channels=bundle.in_channels
     )
-    prepare_out_dir(out, overwrite)
-    atomic_write_text(out / CONFIG_FILE, config.to_yaml())
+    if not resume:
+        prepare_out_dir(out, overwrite)
+        atomic_write_text(out / CONFIG_FILE, config.to_yaml())
     store = ResultsStore(out)
     log(
         f"{bundle.name}: pool {bundle.pool_size}, test {len(bundle.test)}, model {model_name}, "
@@ -134,6 +159,22 @@ def run_experiment(
     )
     for trial in range(config.trials):
         for name, strategy in strategies.items():
+            seed = config.seed + trial
+            path = state_path(out, name, trial)
+            state = None
+            if resume and path.exists():
+                state = load_state(path, strategy=name, trial=trial, seed=seed)
+                for record in state.records:
+                    store.add(record, flush=False)
+                store.flush()
+                if state.next_cycle >= config.cycles:
+                    log(f"trial {trial} {name}: finished before, kept")
+                    continue
+                log(f"trial {trial} {name}: resuming at cycle {state.next_cycle}")
+
+            def checkpoint(s, path=path, name=name, trial=trial, seed=seed) -> None:
+                save_state(path, s, strategy=name, trial=trial, seed=seed)
+
             t0 = time.perf_counter()
             records = run_trial(
                 bundle=bundle,
@@ -141,12 +182,14 @@ def run_experiment(
                 strategy=strategy,
                 strategy_name=name,
                 trial=trial,
-                seed=config.seed + trial,
+                seed=seed,
                 loop=loop,
                 train=train,
                 device=device,
                 progress=progress,
                 on_cycle=store.add,
+                on_state=checkpoint,
+                resume=state,
             )
             accs = " ".join(f"{100 * r.test_accuracy:.1f}" for r in records)
             log(f"trial {trial} {name}: test accuracy {accs} ({time.perf_counter() - t0:.1f}s)")

@@ -4,6 +4,7 @@ from . import (  # noqa: F401  (register the strategies)
     badge,
     coreset,
     egl,
+    gcn,
     gradnorm,
     mc_dropout,
     qbc,

@@ -1,0 +1,67 @@
+"""Shipped presets: the published protocol, names that resolve, CLI use; pool subsets; report CLI."""
+
+from __future__ import annotations
+
+import yaml
+
+from gradnorm_al.cli import main
+from gradnorm_al.experiment import load_preset, preset_names
+from gradnorm_al.experiment.runner import validate_names
+
+PAPER = ["paper-caltech101", "paper-cifar10", "paper-cifar100", "paper-imagenet", "paper-svhn"]
+
+
+def test_every_preset_is_valid_and_the_paper_ones_follow_the_published_protocol():
+    assert preset_names() == sorted([*PAPER, "fmnist", "mnist"])
+    for name in preset_names():
+        config = load_preset(name)
+        validate_names(config)  # every strategy and model exists
+        assert config.initial_fraction == 0.10 and config.budget_fraction == 0.05
+    for name in PAPER:
+        c = load_preset(name)
+        assert (c.epochs, c.lr, c.momentum, c.weight_decay, c.milestones, c.batch_size) == (
+            200,
+            0.1,
+            0.9,
+            5e-4,
+            [160],
+            128,
+        )
+        assert c.gamma == 0.1 and not c.reinit_each_cycle and c.device == "cuda"
+        assert (c.cycles, c.trials) == ((5, 2) if name == "paper-imagenet" else (7, 3))
+        assert "entropy-gradnorm" in c.strategies and "random" in c.strategies
+    assert load_preset("paper-cifar10").subset_size == 25000
+    assert load_preset("paper-cifar10").model == "resnet18-cifar"
+    assert load_preset("paper-svhn").dataset == "svhn"
+    assert load_preset("paper-caltech101").model == "resnet18"
+    assert load_preset("paper-imagenet").model == "vgg16"
+    for name, dataset in (("fmnist", "fashion-mnist"), ("mnist", "mnist")):
+        c = load_preset(name)
+        assert c.dataset == dataset and c.device == "cpu" and c.pool_size == 10000
+
+
+def test_presets_command_and_unknown_names(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in preset_names())
+    assert main(["run", "--preset", "paper-cifar1000"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset" in err and "paper-cifar10" in err and err.count("\n") == 1
+
+
+def test_a_preset_with_overrides_runs_on_a_seeded_pool_subset_and_reports(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", "--preset", "fmnist", "--dataset", "digits", "--pool-size", "300"]
+    args += ["--strategy", "random", "--trials", "1", "--cycles", "2", "--epochs", "1"]
+    assert main([*args, "--quiet", "--out", str(out)]) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    # the preset's training recipe, the command line's overrides
+    assert config["lr"] == 0.05 and config["batch_size"] == 64 and config["pool_size"] == 300
+    rows = (out / "results.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[3]) for r in rows] == [30, 45]  # 10% and 15% of 300
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    assert "report.html" in capsys.readouterr().out
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "random" in html
+    assert main(["report", str(out), str(out)]) == 2  # merging needs --out (and distinct runs)
