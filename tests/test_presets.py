@@ -1,4 +1,4 @@
-"""Shipped presets: the published protocol, names that resolve, CLI use; pool subsets; report CLI."""
+"""Shipped presets: published protocol, names that resolve, CLI use; pool subsets; report CLI."""
 
 from __future__ import annotations
 

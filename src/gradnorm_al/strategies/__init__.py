@@ -6,6 +6,7 @@ from . import (  # noqa: F401  (register the strategies)
     egl,
     gcn,
     gradnorm,
+    ll4al,
     mc_dropout,
     qbc,
     random,
