@@ -10,7 +10,9 @@ from . import (  # noqa: F401  (register the strategies)
     mc_dropout,
     qbc,
     random,
+    sraal,
     uncertainty,
+    vaal,
 )
 from .base import (
     STRATEGIES,
