@@ -202,3 +202,29 @@ def test_the_auxiliary_loss_is_added_to_the_task_loss(small_digits):
 
     plain, again, joint = trained(None), trained(None), trained(_PenaltyAux())
     assert torch.equal(plain, again) and not torch.allclose(plain, joint)
+
+
+class _NoisyItems(torch.utils.data.Dataset):
+    """A per-item dataset (not a TensorDataset) whose items get random noise, like augmentation."""
+
+    def __init__(self, bundle) -> None:
+        self.x, self.y = bundle.train.tensors
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.1 * torch.randn_like(self.x[i]), self.y[i]
+
+
+def test_training_with_loader_workers_is_seeded(small_digits):
+    cfg = TrainConfig(epochs=2, lr=0.05, batch_size=32, num_workers=2)
+    data = _NoisyItems(small_digits)
+
+    def trained():
+        torch.manual_seed(0)
+        model = create_model("smallcnn", num_classes=10, in_channels=1)
+        fit(model, data, np.arange(100), cfg, device=torch.device("cpu"), seed=5)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(trained(), trained())

@@ -94,6 +94,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=float, default=s, help="lr decay factor (default 0.1)")
     p.add_argument("--batch-size", type=_int, default=s, help="training batch (default 128)")
     p.add_argument(
+        "--num-workers",
+        type=_int,
+        default=s,
+        help="training data loader worker processes for file-backed datasets (default 0)",
+    )
+    p.add_argument(
         "--score-batch-size",
         type=_int,
         default=s,

@@ -31,6 +31,7 @@ class TrainConfig:
     gamma: float = 0.1
     batch_size: int = 128
     eval_batch_size: int = 256
+    num_workers: int = 0  # DataLoader worker processes for datasets read per item (not tensors)
 
     def resolved_milestones(self) -> list[int]:
         if self.milestones is None:
@@ -90,7 +91,12 @@ def fit(
     epochs = tqdm(range(cfg.epochs), desc=desc, leave=False, unit="epoch", disable=not progress)
     for epoch in epochs:
         for x, y in iter_batches(
-            dataset, cfg.batch_size, indices, shuffle=True, generator=generator
+            dataset,
+            cfg.batch_size,
+            indices,
+            shuffle=True,
+            generator=generator,
+            num_workers=cfg.num_workers,
         ):
             if len(x) < 2:
                 continue

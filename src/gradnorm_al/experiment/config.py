@@ -44,6 +44,7 @@ class ExperimentConfig:
     milestones: list[int] | None = None  # None: 80% of the epochs
     gamma: float = 0.1
     batch_size: int = 128
+    num_workers: int = 0  # training DataLoader workers (torchvision datasets; GPU runs)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -110,6 +111,7 @@ class ExperimentConfig:
             milestones=self.milestones,
             gamma=self.gamma,
             batch_size=self.batch_size,
+            num_workers=self.num_workers,
         )
 
     # ---------------------------------------------------------------- validation
@@ -150,6 +152,10 @@ class ExperimentConfig:
                 is_num(value) and value >= 0,
                 f"{name.replace('_', '-')} must be a number >= 0, got {value!r}",
             )
+        need(
+            is_int(self.num_workers) and self.num_workers >= 0,
+            f"num-workers must be an integer >= 0, got {self.num_workers!r}",
+        )
         for name in ("subset_size", "pool_size"):
             value = getattr(self, name)
             need(
