@@ -170,7 +170,32 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--out", metavar="DIR", default=None, help="where to write (default: the single DIR)"
     )
+    analyze = sub.add_parser("analyze", help="the paper's analyses over a run folder")
+    kinds = analyze.add_subparsers(dest="analysis", metavar="ANALYSIS", parser_class=_Parser)
+    kinds.required = True
+    for name, what in (
+        ("generalization-gap", "training minus test accuracy per strategy and cycle (Table 3)"),
+        ("timing", "training and selection time per strategy and cycle (Appendix A.7)"),
+    ):
+        kind = kinds.add_parser(name, help=what)
+        kind.add_argument("run", metavar="DIR", help="a run folder")
+        kind.add_argument(
+            "--out", metavar="DIR", default=None, help="where to write (default DIR/analysis)"
+        )
     return parser
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from .experiment import analyses
+    from .experiment.runner import read_run_config
+
+    out = Path(args.out) if args.out is not None else None
+    if args.analysis == "generalization-gap":
+        print(analyses.write_generalization_gap(Path(args.run), out), end="")
+    else:
+        subset = read_run_config(args.run).subset_size
+        print(analyses.write_timing(Path(args.run), subset, out), end="")
+    return 0
 
 
 def _run(config, args: argparse.Namespace, resume: bool = False) -> int:
@@ -238,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _presets()
         if args.command == "report":
             return _report(args)
+        if args.command == "analyze":
+            return _analyze(args)
         from .experiment.config import ExperimentConfig, demo_config
 
         if args.command == "demo":
