@@ -104,3 +104,40 @@ def test_resume_refuses_other_runs_checkpoints_and_extra_options(tmp_path, capsy
     assert main(["run", "--resume", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "belongs to another run" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["ll4al", "mc-dropout"])
+def test_resuming_from_any_cycle_state_equals_the_uninterrupted_trial(small_digits, name):
+    """In-process: the state after every cycle, including a jointly trained auxiliary module
+    (learning loss) and a model the strategy changed (MC dropout), resumes to the same trial."""
+    from functools import partial
+
+    from gradnorm_al import create_model, create_strategy
+    from gradnorm_al.loop import LoopConfig, run_trial
+    from gradnorm_al.train import TrainConfig
+
+    def trial(**kwargs):
+        return run_trial(
+            bundle=small_digits,
+            model_factory=partial(create_model, "smallcnn", num_classes=10, in_channels=1),
+            strategy=create_strategy(name),
+            strategy_name=name,
+            trial=0,
+            seed=1,
+            loop=LoopConfig(cycles=3, initial_fraction=0.1, budget_fraction=0.05),
+            train=TrainConfig(epochs=2, lr=0.05, batch_size=32),
+            device=torch.device("cpu"),
+            **kwargs,
+        )
+
+    def key(records):
+        return [(r.cycle, r.test_accuracy, r.train_accuracy, None if r.selected is None else
+                 r.selected.tolist()) for r in records]  # fmt: skip
+
+    states = []
+    full = trial(on_state=states.append)
+    assert [s.next_cycle for s in states] == [1, 2, 3]
+    if name == "ll4al":
+        assert states[0].auxiliary is not None
+    for state in states[:-1]:
+        assert key(trial(resume=state)) == key(full)

@@ -107,6 +107,11 @@ class TrialState:
     records: list[CycleRecord]
 
 
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the module's state (``state_dict`` alone would alias the live tensors)."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
 def run_trial(
     *,
     bundle: DatasetBundle,
@@ -233,8 +238,8 @@ def run_trial(
                 TrialState(
                     next_cycle=cycle + 1,
                     pool=pool.state_dict(),
-                    model=None if last else model.state_dict(),
-                    auxiliary=None if last or auxiliary is None else auxiliary.module.state_dict(),
+                    model=None if last else _snapshot(model),
+                    auxiliary=None if last or auxiliary is None else _snapshot(auxiliary.module),
                     records=list(records),
                 )
             )
