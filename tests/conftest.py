@@ -66,3 +66,30 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def make_context(
+    model,
+    pool,
+    candidates,
+    labeled=(),
+    *,
+    seed: int = 0,
+    num_classes: int = 10,
+    batch_size: int = 128,
+    trainer=None,
+):
+    """A SelectionContext on the CPU with a seeded rng and int64 index arrays."""
+    from gradnorm_al.strategies import SelectionContext
+
+    return SelectionContext(
+        model=model,
+        pool=pool,
+        candidates=np.asarray(candidates, dtype=np.int64),
+        labeled=np.asarray(labeled, dtype=np.int64),
+        num_classes=num_classes,
+        device=torch.device("cpu"),
+        rng=np.random.default_rng(seed),
+        batch_size=batch_size,
+        trainer=trainer,
+    )

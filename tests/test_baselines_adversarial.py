@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_context
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 from gradnorm_al import ConfigError, PoolError, create_strategy
 from gradnorm_al.data import tensor_dataset
 from gradnorm_al.models import create_model
-from gradnorm_al.strategies import SelectionContext
 from gradnorm_al.strategies.sraal import SRAALStrategy, oui_state
 from gradnorm_al.strategies.vaal import VAALStrategy
 from gradnorm_al.strategies.vae import (
@@ -70,15 +70,8 @@ class BottomLeftRule(nn.Module):
 
 
 def _ctx(model, pool, candidates, labeled, seed=0, num_classes=4, batch_size=16):
-    return SelectionContext(
-        model=model,
-        pool=pool,
-        candidates=np.asarray(candidates, dtype=np.int64),
-        labeled=np.asarray(labeled, dtype=np.int64),
-        num_classes=num_classes,
-        device=torch.device("cpu"),
-        rng=np.random.default_rng(seed),
-        batch_size=batch_size,
+    return make_context(
+        model, pool, candidates, labeled, seed=seed, num_classes=num_classes, batch_size=batch_size
     )
 
 

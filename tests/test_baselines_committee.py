@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomise_bn
+from conftest import make_context, randomise_bn
 from torch import nn
 
 from gradnorm_al import ConfigError, create_model, create_strategy
 from gradnorm_al.data import tensor_dataset
 from gradnorm_al.loop import LoopConfig, run_trial
-from gradnorm_al.strategies import SelectionContext
 from gradnorm_al.strategies.mc_dropout import (
     bald_scores,
     has_dropout,
@@ -36,14 +35,13 @@ def _index_pool(n: int):
 
 
 def _ctx(model, pool, candidates, labeled=(), seed=0, trainer=None, batch_size=5):
-    return SelectionContext(
-        model=model,
-        pool=pool,
-        candidates=np.asarray(candidates, dtype=np.int64),
-        labeled=np.asarray(labeled, dtype=np.int64),
+    return make_context(
+        model,
+        pool,
+        candidates,
+        labeled,
+        seed=seed,
         num_classes=2,
-        device=torch.device("cpu"),
-        rng=np.random.default_rng(seed),
         batch_size=batch_size,
         trainer=trainer,
     )

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_context
 from torch import nn
 
 from gradnorm_al import ConfigError, create_strategy
@@ -44,15 +45,8 @@ class Lookup(nn.Module):
 
 def _ctx(model, n, candidates, labeled=(), seed=0, num_classes=3, batch_size=7):
     pool = tensor_dataset(torch.arange(n, dtype=torch.float32)[:, None], np.zeros(n))
-    return SelectionContext(
-        model=model,
-        pool=pool,
-        candidates=np.asarray(candidates, dtype=np.int64),
-        labeled=np.asarray(labeled, dtype=np.int64),
-        num_classes=num_classes,
-        device=torch.device("cpu"),
-        rng=np.random.default_rng(seed),
-        batch_size=batch_size,
+    return make_context(
+        model, pool, candidates, labeled, seed=seed, num_classes=num_classes, batch_size=batch_size
     )
 
 

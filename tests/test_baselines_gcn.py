@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_context
 from torch import nn
 
 import gradnorm_al.strategies.gcn  # noqa: F401  (registers uncertain-gcn and core-gcn)
 from gradnorm_al import ConfigError, create_model, create_strategy
 from gradnorm_al.data import tensor_dataset
-from gradnorm_al.strategies import SelectionContext, accepted_params, top_k
+from gradnorm_al.strategies import accepted_params, top_k
 from gradnorm_al.strategies import gcn as gcn_mod
 from gradnorm_al.strategies.common import seeded_torch
 from gradnorm_al.strategies.coreset import k_center_greedy
@@ -49,15 +50,8 @@ class Lookup(nn.Module):
 def _ctx(model, n, candidates, labeled, seed=0, pool=None, batch_size=7):
     if pool is None:
         pool = tensor_dataset(torch.arange(n, dtype=torch.float32).view(n, 1), np.zeros(n))
-    return SelectionContext(
-        model=model,
-        pool=pool,
-        candidates=np.asarray(candidates, dtype=np.int64),
-        labeled=np.asarray(labeled, dtype=np.int64),
-        num_classes=2,
-        device=torch.device("cpu"),
-        rng=np.random.default_rng(seed),
-        batch_size=batch_size,
+    return make_context(
+        model, pool, candidates, labeled, seed=seed, num_classes=2, batch_size=batch_size
     )
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_context
 from torch import nn
 
 from gradnorm_al import ConfigError, create_model, create_strategy
@@ -86,15 +87,8 @@ def _index_pool(n: int):
 
 
 def _ctx(model, pool, candidates, labeled=(), seed=0, batch_size=5):
-    return SelectionContext(
-        model=model,
-        pool=pool,
-        candidates=np.asarray(candidates, dtype=np.int64),
-        labeled=np.asarray(labeled, dtype=np.int64),
-        num_classes=2,
-        device=torch.device("cpu"),
-        rng=np.random.default_rng(seed),
-        batch_size=batch_size,
+    return make_context(
+        model, pool, candidates, labeled, seed=seed, num_classes=2, batch_size=batch_size
     )
 
 
