@@ -117,6 +117,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         default=s,
         help="train a fresh model every cycle (default: keep it, as published)",
     )
+    p.add_argument(
+        "--keep-models",
+        action="store_true",
+        default=s,
+        help="save every cycle's trained model under DIR/models (needed by `analyze "
+        "topk-overlap`, `influence` and `gradnorm-decrease`)",
+    )
     p.add_argument("--seed", type=_int, default=s, help="trial t uses seed + t (default 0)")
     p.add_argument("--device", default=s, help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--data-root", default=s, metavar="DIR", help="where the dataset files are")
@@ -176,13 +183,60 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (
         ("generalization-gap", "training minus test accuracy per strategy and cycle (Table 3)"),
         ("timing", "training and selection time per strategy and cycle (Appendix A.7)"),
+        ("topk-overlap", "selected samples among the top-K by true-label gradient norm (Table 1)"),
+        ("influence", "Eq. 3's influence term vs the gradient norm (Table 2, Fig. 3)"),
+        ("gradnorm-decrease", "selected samples whose gradient norm fell after training (A.2)"),
     ):
         kind = kinds.add_parser(name, help=what)
         kind.add_argument("run", metavar="DIR", help="a run folder")
         kind.add_argument(
             "--out", metavar="DIR", default=None, help="where to write (default DIR/analysis)"
         )
+        if name in MODEL_ANALYSES:
+            kind.add_argument(
+                "--device", default=None, help="cpu, cuda or cuda:N (default: the run's device)"
+            )
+            kind.add_argument("--quiet", action="store_true", help="no progress lines")
+        if name in ("topk-overlap", "gradnorm-decrease"):
+            kind.add_argument(
+                "--norm",
+                choices=["tensor-sum", "l2"],
+                default=None,
+                help="gradient-norm aggregation (default: the run's --norm)",
+            )
+        if name == "influence":
+            kind.add_argument(
+                "--damping",
+                type=float,
+                default=0.01,
+                help="lambda of (H + lambda I)^-1; raise it if CG meets negative curvature "
+                "(default 0.01)",
+            )
+            kind.add_argument(
+                "--cg-tol",
+                type=float,
+                default=1e-4,
+                help="conjugate gradient stops at this relative residual (default 1e-4)",
+            )
+            kind.add_argument(
+                "--cg-max-iter", type=_int, default=200, help="CG iteration cap (default 200)"
+            )
+            kind.add_argument(
+                "--eval-samples",
+                type=_int,
+                default=None,
+                help="held-out test samples j averaged in Eq. 3 (default: the whole test set)",
+            )
+            kind.add_argument(
+                "--hessian-samples",
+                type=_int,
+                default=None,
+                help="labelled samples the Hessian is averaged over (default: all of them)",
+            )
     return parser
+
+
+MODEL_ANALYSES = ("topk-overlap", "influence", "gradnorm-decrease")
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -192,9 +246,35 @@ def _analyze(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out is not None else None
     if args.analysis == "generalization-gap":
         print(analyses.write_generalization_gap(Path(args.run), out), end="")
-    else:
+        return 0
+    if args.analysis == "timing":
         subset = read_run_config(args.run).subset_size
         print(analyses.write_timing(Path(args.run), subset, out), end="")
+        return 0
+    from .experiment import model_analyses
+    from .experiment.replay import RunReader
+
+    def log(message: str) -> None:
+        if not args.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    reader = RunReader(args.run, device=args.device)
+    if args.analysis == "topk-overlap":
+        md = model_analyses.write_topk_overlap(reader, out, args.norm, log)
+    elif args.analysis == "gradnorm-decrease":
+        md = model_analyses.write_gradnorm_decrease(reader, out, args.norm, log)
+    else:
+        md = model_analyses.write_influence(
+            reader,
+            out,
+            damping=args.damping,
+            tol=args.cg_tol,
+            max_iter=args.cg_max_iter,
+            eval_samples=args.eval_samples,
+            hessian_samples=args.hessian_samples,
+            log=log,
+        )
+    print(md, end="")
     return 0
 
 

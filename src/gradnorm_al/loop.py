@@ -112,6 +112,16 @@ def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+def cycle_candidates(
+    unlabeled: np.ndarray, subset_size: int | None, seed: int, cycle: int
+) -> np.ndarray:
+    """The candidates scored in ``cycle``: every unlabelled index, or a seeded random
+    ``subset_size`` of them (sorted)."""
+    if subset_size is None or subset_size >= len(unlabeled):
+        return unlabeled
+    return np.sort(rng(seed, SUBSET, cycle).choice(unlabeled, subset_size, replace=False))
+
+
 def run_trial(
     *,
     bundle: DatasetBundle,
@@ -126,6 +136,7 @@ def run_trial(
     progress: bool = False,
     on_cycle: Callable[[CycleRecord], None] | None = None,
     on_state: Callable[[TrialState], None] | None = None,
+    on_trained: Callable[[int, nn.Module], None] | None = None,
     resume: TrialState | None = None,
 ) -> list[CycleRecord]:
     """Run Algorithm 1 for one strategy in one trial and return one record per cycle.
@@ -133,7 +144,8 @@ def run_trial(
     Every random choice is seeded from ``seed`` (see :mod:`gradnorm_al.seeding`), so all strategies
     of a trial start from the same labelled pool and the same initial model. After every cycle
     ``on_state`` gets the :class:`TrialState` to continue from (then ``on_cycle`` the record);
-    ``resume`` continues from such a state.
+    ``resume`` continues from such a state. ``on_trained(cycle, model)`` sees the task model of
+    every cycle after its training, before its selection (T^c of the paper).
     """
     n = bundle.pool_size
     loop.validate(n)
@@ -192,14 +204,11 @@ def run_trial(
         train_acc = accuracy(
             model, bundle.train_eval, labeled, device=device, batch_size=train.eval_batch_size
         )
+        if on_trained is not None:
+            on_trained(cycle, model)
         selected, select_seconds = None, None
         if cycle < loop.cycles - 1:
-            unlabeled = pool.unlabeled()
-            candidates = unlabeled
-            if loop.subset_size is not None and loop.subset_size < len(unlabeled):
-                candidates = np.sort(
-                    rng(seed, SUBSET, cycle).choice(unlabeled, loop.subset_size, replace=False)
-                )
+            candidates = cycle_candidates(pool.unlabeled(), loop.subset_size, seed, cycle)
             ctx = SelectionContext(
                 model=model,
                 pool=bundle.train_eval,

@@ -1,26 +1,90 @@
-"""Per-trial checkpoints of a run folder: ``state/<strategy>.t<trial>.pt``, one per strategy x
-trial, rewritten atomically after every cycle, loaded with ``weights_only=True``."""
+"""Checkpoints of a run folder, written atomically and loaded with ``weights_only=True``:
+
+* ``state/<strategy>.t<trial>.pt``: one per strategy x trial, rewritten after every cycle (resume);
+* ``models/<strategy>.t<trial>.c<cycle>.pt``: with ``keep_models``, the task model of every cycle
+  after its training (T^c), which the model-based analyses read.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_open
 from ..errors import RunDirectoryError
 from ..loop import CycleRecord, TrialState
 
 STATE_DIR = "state"
+MODELS_DIR = "models"
 FORMAT_VERSION = 1
 
 
 def state_path(out_dir: Path, strategy: str, trial: int) -> Path:
     return out_dir / STATE_DIR / f"{strategy}.t{trial}.pt"
+
+
+def model_path(out_dir: Path, strategy: str, trial: int, cycle: int) -> Path:
+    return out_dir / MODELS_DIR / f"{strategy}.t{trial}.c{cycle}.pt"
+
+
+def _save(path: Path, payload: dict[str, Any]) -> None:
+    with atomic_open(path, "wb") as fh:
+        torch.save(payload, fh)
+
+
+def _load(path: Path, fix: str) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise RunDirectoryError(
+            f"cannot read checkpoint {path} ({type(err).__name__}); {fix}"
+        ) from None
+
+
+def _check_owner(path: Path, payload: dict[str, Any], expected: dict[str, Any]) -> None:
+    for key, value in expected.items():
+        if payload.get(key) != value:
+            raise RunDirectoryError(
+                f"checkpoint {path} has {key}={payload.get(key)!r}, expected {value!r}; it belongs "
+                "to another run: use the folder it came from"
+            )
+
+
+def save_model(
+    path: Path, state: dict[str, torch.Tensor], *, strategy: str, trial: int, seed: int, cycle: int
+) -> None:
+    """Write one cycle's task model (``state_dict`` tensors on the CPU) atomically."""
+    _save(
+        path,
+        {
+            "version": FORMAT_VERSION,
+            "strategy": strategy,
+            "trial": trial,
+            "seed": seed,
+            "cycle": cycle,
+            "model": {k: v.detach().cpu() for k, v in state.items()},
+        },
+    )
+
+
+def load_model(
+    path: Path, *, strategy: str, trial: int, seed: int, cycle: int
+) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` saved by :func:`save_model`, checked to belong to this strategy, trial,
+    seed and cycle."""
+    if not path.is_file():
+        raise RunDirectoryError(
+            f"{path} is missing: the model-based analyses need the run's per-cycle models; run it "
+            "with --keep-models (gradnorm-al run ... --keep-models)"
+        )
+    payload = _load(path, "re-run with --keep-models to rewrite it")
+    expected = {"version": FORMAT_VERSION, "strategy": strategy, "trial": trial, "seed": seed}
+    _check_owner(path, payload, {**expected, "cycle": cycle})
+    return payload["model"]
 
 
 def _record_dict(record: CycleRecord) -> dict[str, Any]:
@@ -49,36 +113,15 @@ def save_state(path: Path, state: TrialState, *, strategy: str, trial: int, seed
         "auxiliary": state.auxiliary,
         "records": [_record_dict(r) for r in state.records],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _save(path, payload)
 
 
 def load_state(path: Path, *, strategy: str, trial: int, seed: int) -> TrialState:
     """Read a checkpoint written by :func:`save_state` (``weights_only=True``: tensors and plain
     containers only) and check that it belongs to this strategy, trial and seed."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise RunDirectoryError(
-            f"cannot read checkpoint {path} ({type(err).__name__}); delete it to recompute that "
-            "trial from its start"
-        ) from None
+    payload = _load(path, "delete it to recompute that trial from its start")
     expected = {"version": FORMAT_VERSION, "strategy": strategy, "trial": trial, "seed": seed}
-    for key, value in expected.items():
-        if payload.get(key) != value:
-            raise RunDirectoryError(
-                f"checkpoint {path} has {key}={payload.get(key)!r}, expected {value!r}; it belongs "
-                "to another run: resume the folder it came from"
-            )
+    _check_owner(path, payload, expected)
     return TrialState(
         next_cycle=int(payload["next_cycle"]),
         pool=payload["pool"],

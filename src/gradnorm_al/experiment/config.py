@@ -29,6 +29,7 @@ class ExperimentConfig:
     norm: str = "tensor-sum"  # for gradnorm strategies: "tensor-sum" (published) or "l2" (Eq. 5)
     pool_size: int | None = None  # a seeded random pool of this many training samples (CPU scale)
     strategy_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    keep_models: bool = False  # save every cycle's trained model (for `gradnorm-al analyze`)
     # the active-learning schedule (LoopConfig)
     cycles: int = 7
     initial_fraction: float = 0.10
@@ -184,6 +185,10 @@ class ExperimentConfig:
             isinstance(self.strategy_params, dict)
             and all(isinstance(v, dict) for v in self.strategy_params.values()),
             "strategy_params must map strategy names to mappings of parameters",
+        )
+        need(
+            isinstance(self.keep_models, bool),
+            f"keep-models must be true or false, got {self.keep_models!r}",
         )
         need(isinstance(self.dataset, str), "dataset must be a name")
         need(self.model is None or isinstance(self.model, str), "model must be a name")

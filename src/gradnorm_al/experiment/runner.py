@@ -19,13 +19,29 @@ from ..models import MODELS, create_model
 from ..pergrad.common import check_norm
 from ..seeding import POOL_SUBSET, rng
 from ..strategies import STRATEGIES, accepted_params, create_strategy
-from .checkpoint import STATE_DIR, load_state, save_state, state_path
+from .checkpoint import (
+    MODELS_DIR,
+    STATE_DIR,
+    load_state,
+    model_path,
+    save_model,
+    save_state,
+    state_path,
+)
 from .config import ExperimentConfig
 from .report import write_summary
 from .results import RESULTS_FILE, SELECTIONS_FILE, ResultsStore
 
 CONFIG_FILE = "config.yaml"
-RUN_FILES = (CONFIG_FILE, RESULTS_FILE, SELECTIONS_FILE, "summary.md", "curves.png", STATE_DIR)
+RUN_FILES = (
+    CONFIG_FILE,
+    RESULTS_FILE,
+    SELECTIONS_FILE,
+    "summary.md",
+    "curves.png",
+    STATE_DIR,
+    MODELS_DIR,
+)
 
 
 @dataclass
@@ -121,12 +137,13 @@ def run_experiment(
 
     All strategies of trial t use seed ``config.seed + t`` (same initial pool, same initial
     model). After every cycle the trial's state (labelled pool, model, auxiliary module, records
-    so far) is written atomically to ``state/<strategy>.t<trial>.pt`` and then results.csv and
-    selections.jsonl are rewritten atomically; config.yaml comes first, summary.md and curves.png
-    at the end. ``resume=True`` continues the run in ``out_dir`` (started with this ``config``)
-    from its checkpoints: finished cycles are neither recomputed nor lost, and the results equal
-    an uninterrupted run's (CPU, same seed). ``bundle`` overrides loading ``config.dataset`` (for
-    tests and custom data).
+    so far) is written atomically to ``state/<strategy>.t<trial>.pt`` (with ``keep_models``, the
+    cycle's trained model to ``models/<strategy>.t<trial>.c<cycle>.pt`` too) and then results.csv
+    and selections.jsonl are rewritten atomically; config.yaml comes first, summary.md and
+    curves.png at the end. ``resume=True`` continues the run in ``out_dir`` (started with this
+    ``config``) from its checkpoints: finished cycles are neither recomputed nor lost, and the
+    results equal an uninterrupted run's (CPU, same seed). ``bundle`` overrides loading
+    ``config.dataset`` (for tests and custom data).
     """
     started = time.perf_counter()
     config.check_types()
@@ -175,6 +192,16 @@ def run_experiment(
             def checkpoint(s, path=path, name=name, trial=trial, seed=seed) -> None:
                 save_state(path, s, strategy=name, trial=trial, seed=seed)
 
+            def keep(cycle, model, name=name, trial=trial, seed=seed) -> None:
+                save_model(
+                    model_path(out, name, trial, cycle),
+                    model.state_dict(),
+                    strategy=name,
+                    trial=trial,
+                    seed=seed,
+                    cycle=cycle,
+                )
+
             t0 = time.perf_counter()
             records = run_trial(
                 bundle=bundle,
@@ -189,6 +216,7 @@ def run_experiment(
                 progress=progress,
                 on_cycle=store.add,
                 on_state=checkpoint,
+                on_trained=keep if config.keep_models else None,
                 resume=state,
             )
             accs = " ".join(f"{100 * r.test_accuracy:.1f}" for r in records)

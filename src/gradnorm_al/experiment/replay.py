@@ -1,0 +1,162 @@
+"""Reading a finished (or interrupted) run folder back cycle by cycle, for the model-based
+analyses: which samples were labelled, scored and selected in every cycle, and the task model
+T^c each cycle trained (saved by ``gradnorm-al run --keep-models``).
+
+Nothing here re-runs training: the labelled sets follow from the seeded initial pool plus
+selections.jsonl, the candidates from the seeded subset draw, exactly as :func:`run_trial` made
+them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import DatasetBundle, load_dataset
+from ..errors import RunDirectoryError
+from ..loop import cycle_candidates
+from ..models import create_model
+from ..pool import Pool
+from ..seeding import INIT_POOL, POOL_SUBSET, rng
+from ..strategies import Strategy, create_strategy
+from .checkpoint import MODELS_DIR, load_model, model_path
+from .config import ExperimentConfig
+from .results import RESULTS_FILE, SELECTIONS_FILE, read_results
+from .runner import read_run_config, resolve_device, strategy_kwargs
+
+
+@dataclass(frozen=True)
+class CycleView:
+    """One cycle of one strategy x trial.
+
+    ``labeled``: the pool indices T^c was trained on. ``candidates``: the indices scored in this
+    cycle and ``selected``: those it chose, in selection order (both None in a cycle that did not
+    select, the last).
+    """
+
+    strategy: str
+    trial: int
+    cycle: int
+    labeled: np.ndarray
+    candidates: np.ndarray | None
+    selected: np.ndarray | None
+
+
+class RunReader:
+    """A run folder opened for analysis.
+
+    Parameters
+    ----------
+    run_dir : a folder written by ``gradnorm-al run``.
+    bundle : the data, if not the run's own ``dataset`` (custom data, tests); the run's pool
+        subset is applied to it as in the run.
+    device : where to put models (default: the run's device if available, else the cpu).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        bundle: DatasetBundle | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        if not self.run_dir.is_dir():
+            raise RunDirectoryError(f"run folder {run_dir} does not exist; give a run folder")
+        self.config: ExperimentConfig = read_run_config(self.run_dir)
+        self._bundle = bundle
+        if device is None:
+            device = self.config.device
+            if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+                device = "cpu"
+        self.device = resolve_device(str(device))
+        path = self.run_dir / RESULTS_FILE
+        if not path.is_file():
+            raise RunDirectoryError(f"{run_dir} holds no {RESULTS_FILE}; no cycle has finished")
+        self.rows = read_results(path)
+        self._selections: dict[tuple[str, int, int], np.ndarray] = {}
+        selections = self.run_dir / SELECTIONS_FILE
+        if selections.is_file():
+            for line in selections.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    s = json.loads(line)
+                    key = (s["strategy"], int(s["trial"]), int(s["cycle"]))
+                    self._selections[key] = np.asarray(s["indices"], dtype=np.int64)
+
+    @cached_property
+    def bundle(self) -> DatasetBundle:
+        c = self.config
+        bundle = self._bundle or load_dataset(c.dataset, c.data_root, c.download)
+        if c.pool_size is not None:
+            bundle = bundle.with_pool_subset(c.pool_size, rng(c.seed, POOL_SUBSET))
+        return bundle
+
+    @property
+    def strategies(self) -> list[str]:
+        """The run's strategies that finished at least one cycle, in config order."""
+        done = {r["strategy"] for r in self.rows}
+        return [s for s in self.config.strategies if s in done]
+
+    def trials(self, strategy: str) -> list[int]:
+        return sorted({r["trial"] for r in self.rows if r["strategy"] == strategy})
+
+    def seed(self, trial: int) -> int:
+        return self.config.seed + trial
+
+    def strategy(self, name: str) -> Strategy:
+        return create_strategy(name, **strategy_kwargs(self.config, name))
+
+    def cycles(self, strategy: str, trial: int) -> list[CycleView]:
+        """Every finished cycle of ``strategy`` in ``trial``, in order."""
+        finished = sorted(
+            r["cycle"] for r in self.rows if r["strategy"] == strategy and r["trial"] == trial
+        )
+        loop = self.config.loop_config()
+        seed = self.seed(trial)
+        pool = Pool.initial(self.bundle.pool_size, loop.initial_fraction, rng(seed, INIT_POOL))
+        views = []
+        for cycle in finished:
+            labeled = pool.labeled()
+            selected = self._selections.get((strategy, trial, cycle))
+            candidates = None
+            if selected is not None:
+                candidates = cycle_candidates(pool.unlabeled(), loop.subset_size, seed, cycle)
+                if not np.isin(selected, candidates).all():
+                    raise RunDirectoryError(
+                        f"{self.run_dir}: {strategy} trial {trial} cycle {cycle} selected samples "
+                        "that were not its candidates; the folder's selections.jsonl does not "
+                        "belong to its config.yaml (or --data differs from the run's data)"
+                    )
+                pool.label(selected, cycle + 1)
+            views.append(CycleView(strategy, trial, cycle, labeled, candidates, selected))
+        return views
+
+    def require_models(self) -> None:
+        """Raise the fix unless the run kept its per-cycle models."""
+        if not (self.run_dir / MODELS_DIR).is_dir():
+            raise RunDirectoryError(
+                f"{self.run_dir} kept no per-cycle models, which this analysis needs; run it with "
+                "--keep-models (gradnorm-al run ... --keep-models)"
+            )
+
+    def model(self, strategy: str, trial: int, cycle: int) -> nn.Module:
+        """T^c: the task model of ``cycle`` after its training, in eval mode on the device."""
+        state = load_model(
+            model_path(self.run_dir, strategy, trial, cycle),
+            strategy=strategy,
+            trial=trial,
+            seed=self.seed(trial),
+            cycle=cycle,
+        )
+        bundle = self.bundle
+        name = self.config.model or bundle.default_model
+        net = create_model(name, num_classes=bundle.num_classes, in_channels=bundle.in_channels)
+        net = self.strategy(strategy).prepare_model(net)
+        net.load_state_dict(state)
+        return net.to(self.device).eval()

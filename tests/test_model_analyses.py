@@ -1,0 +1,148 @@
+"""The analyses that read a run's per-cycle models (``run --keep-models``): the replayed cycles,
+Table 1's top-K overlap, Appendix A.2's gradient-norm decrease and Table 2 / Fig. 3's influence
+terms, each against a brute-force recomputation."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gradnorm_al.cli import main
+from gradnorm_al.experiment import ExperimentConfig, run_experiment
+from gradnorm_al.experiment.model_analyses import gradnorm_decrease, topk_overlap
+from gradnorm_al.experiment.replay import RunReader
+from gradnorm_al.strategies.base import top_k
+from gradnorm_al.strategies.gradnorm import entropy_loss, gradnorm_scores
+from gradnorm_al.train import accuracy
+
+STRATEGIES = ["random", "entropy-gradnorm"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A real run on 300 digits: 2 trials x 3 cycles, candidates a seeded subset of 120."""
+    torch.set_num_threads(1)
+    config = ExperimentConfig(
+        dataset="digits",
+        pool_size=300,
+        model="smallcnn",
+        strategies=STRATEGIES,
+        trials=2,
+        cycles=3,
+        epochs=3,
+        batch_size=32,
+        lr=0.05,
+        subset_size=120,
+        keep_models=True,
+    )
+    out = tmp_path_factory.mktemp("run")
+    run_experiment(config, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reader(run_dir):
+    return RunReader(run_dir)
+
+
+def _brute_norms(model, x, loss_of) -> np.ndarray:
+    """One backward pass per sample; tensor-sum norm (the run's default)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for i in range(len(x)):
+        grads = torch.autograd.grad(loss_of(model(x[i : i + 1]), i), params, allow_unused=True)
+        out.append(sum(float(g.norm()) for g in grads if g is not None))
+    return np.asarray(out)
+
+
+def _pool(reader, indices):
+    """Inputs and labels of pool samples, by plain item access."""
+    items = [reader.bundle.train_eval[int(i)] for i in indices]
+    return torch.stack([x for x, _ in items]), torch.as_tensor([int(y) for _, y in items])
+
+
+def test_keep_models_writes_every_cycle_and_the_replay_reproduces_the_run(reader, run_dir):
+    assert len(list((run_dir / "models").glob("*.pt"))) == 2 * 2 * 3
+    bundle = reader.bundle
+    for row in reader.rows:
+        s, t, c = row["strategy"], row["trial"], row["cycle"]
+        view = reader.cycles(s, t)[c]
+        model = reader.model(s, t, c)
+        # the saved model and the replayed labelled set give the accuracies the run recorded
+        test = accuracy(model, bundle.test, device=reader.device)
+        train = accuracy(model, bundle.train_eval, view.labeled, device=reader.device)
+        assert math.isclose(test, row["test_accuracy"], abs_tol=1e-12)
+        assert math.isclose(train, row["train_accuracy"], abs_tol=1e-12)
+        assert len(view.labeled) == row["num_labeled"]
+        if view.selected is not None:
+            assert len(view.candidates) == 120 and np.isin(view.selected, view.candidates).all()
+            assert not np.isin(view.candidates, view.labeled).any()
+
+
+def test_replayed_candidates_and_model_reproduce_the_gradnorm_selection(reader):
+    for view in reader.cycles("entropy-gradnorm", 1)[:-1]:
+        model = reader.model("entropy-gradnorm", 1, view.cycle)
+        x, _ = _pool(reader, view.candidates)
+        scores = gradnorm_scores(model, x, scheme="entropy").numpy()
+        np.testing.assert_array_equal(
+            top_k(scores, view.candidates, len(view.selected)), view.selected
+        )
+
+
+def test_topk_overlap_equals_a_brute_force_count(reader):
+    records = topk_overlap(reader)
+    assert len(records) == 2 * 2 * 2  # strategies x trials x selecting cycles
+    for r in records:
+        view = reader.cycles(r["strategy"], r["trial"])[r["cycle"]]
+        model = reader.model(r["strategy"], r["trial"], r["cycle"])
+        x, y = _pool(reader, view.candidates)
+        norms = _brute_norms(model, x, lambda out, i: F.cross_entropy(out, y[i : i + 1]))
+        k = len(view.selected)
+        top = {int(view.candidates[i]) for i in np.argsort(-norms, kind="stable")[:k]}
+        assert r["overlap"] == len(top & {int(i) for i in view.selected})
+        assert r["budget"] == k == 15 and r["candidates"] == 120
+
+
+def test_gradnorm_decrease_equals_a_brute_force_fraction(reader):
+    records = gradnorm_decrease(reader)
+    assert len(records) == 2 * 2 * 2 and {r["scheme"] for r in records} == {"entropy"}
+    for r in records:
+        view = reader.cycles(r["strategy"], r["trial"])[r["cycle"]]
+        x, _ = _pool(reader, view.selected)
+        before, after = (
+            _brute_norms(
+                reader.model(r["strategy"], r["trial"], c), x, lambda out, i: entropy_loss(out)[0]
+            )
+            for c in (r["cycle"], r["cycle"] + 1)
+        )
+        np.testing.assert_allclose(r["norm_at_selection"], before.mean(), rtol=1e-5)
+        np.testing.assert_allclose(r["norm_after_training"], after.mean(), rtol=1e-5)
+        # a sample whose two norms agree to float32 noise could flip; none here is that close
+        assert np.min(np.abs(after - before) / before) > 1e-4
+        assert r["decreased"] == pytest.approx(np.mean(after < before))
+
+
+def test_analyze_commands_write_tables(run_dir, capsys):
+    assert main(["analyze", "topk-overlap", str(run_dir), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "# Top-K overlap" in out and "| entropy-gradnorm |" in out and "/ 15" in out
+    with open(run_dir / "analysis" / "topk_overlap.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 8
+    assert main(["analyze", "gradnorm-decrease", str(run_dir), "--quiet", "--norm", "l2"]) == 0
+    assert "l2 norm" in capsys.readouterr().out
+    assert (run_dir / "analysis" / "gradnorm_decrease.csv").exists()
+
+
+def test_a_run_without_kept_models_is_refused_with_the_fix(tmp_path, capsys, small_digits):
+    config = ExperimentConfig(
+        model="smallcnn", strategies=["random"], trials=1, cycles=2, epochs=1, batch_size=32
+    )
+    run_experiment(config, tmp_path, progress=False, bundle=small_digits)
+    assert main(["analyze", "topk-overlap", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--keep-models" in err and err.count("\n") == 1
