@@ -13,9 +13,16 @@ import torch
 import torch.nn.functional as F
 
 from gradnorm_al.cli import main
+from gradnorm_al.errors import RunDirectoryError
 from gradnorm_al.experiment import ExperimentConfig, run_experiment
-from gradnorm_al.experiment.model_analyses import gradnorm_decrease, topk_overlap
+from gradnorm_al.experiment.model_analyses import (
+    gradnorm_decrease,
+    influence,
+    influence_terms,
+    topk_overlap,
+)
 from gradnorm_al.experiment.replay import RunReader
+from gradnorm_al.seeding import ANALYSIS, rng
 from gradnorm_al.strategies.base import top_k
 from gradnorm_al.strategies.gradnorm import entropy_loss, gradnorm_scores
 from gradnorm_al.train import accuracy
@@ -101,7 +108,7 @@ def test_topk_overlap_equals_a_brute_force_count(reader):
         view = reader.cycles(r["strategy"], r["trial"])[r["cycle"]]
         model = reader.model(r["strategy"], r["trial"], r["cycle"])
         x, y = _pool(reader, view.candidates)
-        norms = _brute_norms(model, x, lambda out, i: F.cross_entropy(out, y[i : i + 1]))
+        norms = _brute_norms(model, x, lambda out, i, y=y: F.cross_entropy(out, y[i : i + 1]))
         k = len(view.selected)
         top = {int(view.candidates[i]) for i in np.argsort(-norms, kind="stable")[:k]}
         assert r["overlap"] == len(top & {int(i) for i in view.selected})
@@ -146,3 +153,99 @@ def test_a_run_without_kept_models_is_refused_with_the_fix(tmp_path, capsys, sma
     assert main(["analyze", "topk-overlap", str(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "--keep-models" in err and err.count("\n") == 1
+
+
+INFLUENCE = dict(eval_samples=60, hessian_samples=40, tol=1e-4, max_iter=100)
+
+
+@pytest.mark.parametrize("at", ["next", "selection"])
+def test_influence_terms_against_independent_autograd(reader, at):
+    """Eq. 3 per candidate = s . grad CE(x, y) by one backward per candidate; s solves
+    (H + damping I) s = g_bar with H and g_bar from plain autograd on the same samples."""
+    strategy, trial, cycle = "entropy-gradnorm", 0, 0
+    t = influence_terms(reader, strategy, trial, cycle, at=at, **INFLUENCE)
+    assert t["report"].converged and t["damping"] > 0 and t["lambda_min"] < t["lambda_max"]
+    views = reader.cycles(strategy, trial)
+    view = views[cycle]
+    model = reader.model(strategy, trial, cycle + 1 if at == "next" else cycle)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # the same seeded subsets the analysis drew
+    generator = rng(reader.seed(trial), ANALYSIS, cycle)
+    eval_idx = np.sort(generator.choice(len(reader.bundle.test), 60, replace=False))
+    base = views[cycle + 1] if at == "next" else view
+    hessian_idx = (  # a set of 40 or fewer is used whole
+        base.labeled
+        if len(base.labeled) <= 40
+        else np.sort(generator.choice(base.labeled, 40, replace=False))
+    )
+    xt, yt = zip(*(reader.bundle.test[int(i)] for i in eval_idx))
+    g_bar = torch.autograd.grad(
+        F.cross_entropy(model(torch.stack(xt)), torch.as_tensor([int(y) for y in yt])), params
+    )
+    xh, yh = _pool(reader, hessian_idx)
+    grads = torch.autograd.grad(F.cross_entropy(model(xh), yh), params, create_graph=True)
+    s = t["s"]
+    hs = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, s)), params)
+    residual = torch.cat([(h + t["damping"] * v - g).flatten() for h, v, g in zip(hs, s, g_bar)])
+    g_norm = torch.cat([g.flatten() for g in g_bar]).norm()
+    assert float(residual.norm() / g_norm) < 2e-4
+    # Target: one backward per candidate (first 12)
+    x, y = _pool(reader, view.candidates[:12])
+    for i in range(12):
+        g = torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params)
+        expected = sum(float((gi.double() * si.double()).sum()) for gi, si in zip(g, s))
+        assert t["target"][i] == pytest.approx(expected, rel=1e-4, abs=1e-6 * t["s_norm"])
+    # Cauchy-Schwarz: |Approx-1| <= Approx-2; Approx-3 is ||s|| times the l2 score at T^c, and
+    # the run's (tensor-sum) score at T^c reproduces the selection
+    assert np.all(np.abs(t["approx1"]) <= t["approx2"] * (1 + 1e-5))
+    selecting = reader.model(strategy, trial, cycle)
+    x_all, _ = _pool(reader, view.candidates)
+    l2 = gradnorm_scores(selecting, x_all, scheme="entropy", norm="l2").numpy()
+    np.testing.assert_allclose(t["approx3"], t["s_norm"] * l2, rtol=1e-6)
+    if at == "selection":
+        np.testing.assert_allclose(t["approx2"], t["approx3"], rtol=1e-6)
+    k = len(view.selected)
+    np.testing.assert_array_equal(top_k(t["eq5"], view.candidates, k), view.selected)
+
+
+def test_influence_table_overlap_is_a_brute_force_count_and_the_command_writes_fig3(
+    reader, run_dir, capsys
+):
+    records = influence(reader, **INFLUENCE)
+    assert {(r["trial"], r["cycle"]) for r in records} == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    r = records[0]
+    t = influence_terms(reader, "entropy-gradnorm", r["trial"], r["cycle"], **INFLUENCE)
+    k = r["budget"]
+    by_eq3 = set(np.asarray(t["candidates"])[np.argsort(-t["target"], kind="stable")[:k]])
+    by_eq5 = set(np.asarray(t["candidates"])[np.argsort(-t["eq5"], kind="stable")[:k]])
+    assert r["overlap"] == len(by_eq3 & by_eq5)
+    assert r["target"] == pytest.approx(float(np.mean(t["target"])))
+    assert r["chance"] == pytest.approx(15 * 15 / 120)
+    args = ["analyze", "influence", str(run_dir), "--quiet", "--eval-samples", "60"]
+    args += ["--hessian-samples", "40", "--curvature", "gauss-newton"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "## Table 2" in out and "gauss-newton" in out and "did not converge" not in out
+    assert (run_dir / "analysis" / "influence_terms.png").stat().st_size > 1000
+    with open(run_dir / "analysis" / "influence.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 4
+
+
+def test_influence_needs_a_gradnorm_strategy(tmp_path, capsys, small_digits):
+    config = ExperimentConfig(
+        model="smallcnn",
+        strategies=["random"],
+        trials=1,
+        cycles=2,
+        epochs=1,
+        batch_size=32,
+        keep_models=True,
+    )
+    run_experiment(config, tmp_path, progress=False, bundle=small_digits)
+    reader = RunReader(tmp_path, bundle=small_digits)
+    with pytest.raises(RunDirectoryError, match="no gradnorm strategy"):
+        influence(reader)
+    with pytest.raises(SystemExit) as exit_:
+        main(["analyze", "influence", str(tmp_path), "--damping", "x"])
+    assert exit_.value.code == 2
+    assert "expected a number or auto" in capsys.readouterr().err

@@ -28,6 +28,15 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def _damping(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     s = argparse.SUPPRESS  # only options given on the command line override the config file
     p.add_argument(
@@ -207,10 +216,24 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "influence":
             kind.add_argument(
                 "--damping",
-                type=float,
-                default=0.01,
-                help="lambda of (H + lambda I)^-1; raise it if CG meets negative curvature "
-                "(default 0.01)",
+                type=_damping,
+                default="auto",
+                help="lambda of (H + lambda I)^-1: a number >= 0, or auto (twice the magnitude "
+                "of H's most negative eigenvalue, estimated by Lanczos; default)",
+            )
+            kind.add_argument(
+                "--at",
+                choices=["next", "selection"],
+                default="next",
+                help="the model Eq. 3 is evaluated at: next = T^(c+1), trained after the "
+                "selection (default); selection = T^c, which selected",
+            )
+            kind.add_argument(
+                "--curvature",
+                choices=["hessian", "gauss-newton"],
+                default="hessian",
+                help="H: the Hessian of the mean training loss (default) or its positive "
+                "semi-definite Gauss-Newton part",
             )
             kind.add_argument(
                 "--cg-tol",
@@ -268,6 +291,8 @@ def _analyze(args: argparse.Namespace) -> int:
             reader,
             out,
             damping=args.damping,
+            curvature=args.curvature,
+            at=args.at,
             tol=args.cg_tol,
             max_iter=args.cg_max_iter,
             eval_samples=args.eval_samples,

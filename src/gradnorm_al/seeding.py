@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-INIT_POOL, MODEL_INIT, TRAIN, SUBSET, STRATEGY, AUXILIARY_INIT, POOL_SUBSET = range(7)
+INIT_POOL, MODEL_INIT, TRAIN, SUBSET, STRATEGY, AUXILIARY_INIT, POOL_SUBSET, ANALYSIS = range(8)
 
 
 def derive_seed(seed: int, *keys: int) -> int:

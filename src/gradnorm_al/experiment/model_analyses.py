@@ -4,6 +4,7 @@ the gradient-norm decrease of selected samples (Appendix A.2)."""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -12,15 +13,26 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import spearmanr
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from ..atomic import atomic_open
 from ..data.batching import iter_batches
-from ..errors import RunDirectoryError
+from ..errors import ConfigError, RunDirectoryError
+from ..influence import (
+    CURVATURES,
+    conjugate_gradient,
+    curvature_vector_product,
+    dataset_directional_derivatives,
+    extreme_eigenvalues,
+    mean_loss_gradient,
+)
 from ..pergrad import per_sample_grad_norms
+from ..seeding import ANALYSIS, rng
 from ..strategies.base import top_k
-from ..strategies.gradnorm import gradnorm_scores
-from .analyses import _csv, _mean_std, _pivot, _write
+from ..strategies.gradnorm import SCHEME_LOSSES, gradnorm_scores
+from .analyses import ANALYSIS_DIR, _csv, _mean_std, _pivot, _write
 from .replay import RunReader
 
 
@@ -232,4 +244,337 @@ def write_gradnorm_decrease(
         "norm before → after.\n\n" + _pivot(summary, cell)
     )
     _write(reader.run_dir, out_dir, "gradnorm_decrease", md, _csv(records))
+    return md
+
+
+# ------------------------------------------------------------------------- Table 2 / Fig. 3
+TERMS = ("target", "approx1", "approx2", "approx3")
+TERM_NAMES = {
+    "target": "Target",
+    "approx1": "Approx-1",
+    "approx2": "Approx-2",
+    "approx3": "Approx-3",
+}
+LANCZOS_STEPS = 20
+INFLUENCE_AT = ("next", "selection")
+
+
+def auto_damping(lambda_min: float, lambda_max: float) -> float:
+    """A damping that makes H + damping I positive definite with a margin: twice the magnitude of
+    H's (Lanczos-estimated, hence under-estimated) most negative eigenvalue, and at least 1e-3 of
+    its largest, so a positive semi-definite H is regularised too."""
+    return max(2.0 * max(0.0, -lambda_min), 1e-3 * max(lambda_max, 0.0), 1e-8)
+
+
+def _sample(indices: np.ndarray, size: int | None, generator: np.random.Generator) -> np.ndarray:
+    """A seeded random ``size`` of ``indices`` (sorted), or all of them."""
+    if size is None or size >= len(indices):
+        return np.asarray(indices)
+    return np.sort(generator.choice(indices, size, replace=False))
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def influence_terms(
+    reader: RunReader,
+    strategy: str,
+    trial: int,
+    cycle: int,
+    *,
+    damping: float | str = "auto",
+    curvature: str = "hessian",
+    tol: float = 1e-4,
+    max_iter: int = 200,
+    eval_samples: int | None = None,
+    hessian_samples: int | None = None,
+    at: str = "next",
+) -> dict[str, Any]:
+    """Eq. 3 and its approximations for every candidate that ``strategy`` (a gradnorm scheme)
+    scored at ``cycle`` c, with s = (H + damping I)^-1 g_bar at T^(c+1) (``at="next"``: the model
+    trained after the selection, as the issue specifies) or at T^c (``at="selection"``: the
+    textbook influence of adding x to the set T^c was trained on; T^(c+1) below reads T^c):
+
+    * ``target``  (1/n) sum_j grad CE(x_j)^T (H + λI)^-1 grad CE(x, y): Eq. 3, true label, T^(c+1);
+    * ``approx1`` the same with the scheme's loss in place of the unknown label's CE;
+    * ``approx2`` ||s|| ||grad loss(x)|| at T^(c+1): the Cauchy-Schwarz bound, >= |approx1|;
+    * ``approx3`` ||s|| ||grad loss(x)|| at T^c: the bound with the norm the scheme ranked by.
+
+    j runs over the (``eval_samples`` of the) test set, H is the mean CE Hessian over the (
+    ``hessian_samples`` of the) samples T^(c+1) was trained on; norms are global L2 (Eq. 5).
+    ``eq5`` is the scheme's score at T^c with the run's norm: what the selection ranked.
+    ``curvature="gauss-newton"`` uses the (positive semi-definite) Gauss-Newton matrix for H.
+    ``damping="auto"``: :func:`auto_damping` from Lanczos estimates of H's extreme eigenvalues.
+    Returns those float64 arrays [M] plus ``candidates``, ``selected``, ``s``, ``s_norm``, the
+    damping used, the eigenvalue estimates (NaN for a given damping) and the CG ``report``.
+    """
+    bundle, config = reader.bundle, reader.config
+    scheme = _scheme(reader, strategy)
+    loss = SCHEME_LOSSES[scheme]
+    views = reader.cycles(strategy, trial)
+    if at not in INFLUENCE_AT:
+        raise ConfigError(f"unknown model {at!r} for Eq. 3; use one of {', '.join(INFLUENCE_AT)}")
+    view = views[cycle]
+    base = views[cycle + 1] if at == "next" else view
+    generator = rng(reader.seed(trial), ANALYSIS, cycle)
+    eval_idx = _sample(np.arange(len(bundle.test)), eval_samples, generator)
+    hessian_idx = _sample(base.labeled, hessian_samples, generator)
+    batch = config.score_batch_size
+    model = reader.model(strategy, trial, base.cycle)
+    g_bar = mean_loss_gradient(model, bundle.test, eval_idx, batch_size=batch)
+    product = curvature_vector_product(
+        model, bundle.train_eval, hessian_idx, curvature=curvature, batch_size=batch
+    )
+    low = high = float("nan")
+    if damping == "auto":
+        low, high = extreme_eigenvalues(
+            product, g_bar, steps=LANCZOS_STEPS, seed=reader.seed(trial)
+        )
+        damping = auto_damping(low, high)
+    s, report = conjugate_gradient(
+        product, g_bar, damping=float(damping), tol=tol, max_iter=max_iter
+    )
+    s_norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in s))
+    candidates = view.candidates
+    data = Subset(bundle.train_eval, candidates.tolist())
+
+    def along_s(loss_fn: Any) -> np.ndarray:
+        return (
+            dataset_directional_derivatives(
+                model, bundle.train_eval, candidates, s, loss_fn, batch_size=batch
+            )
+            .cpu()
+            .numpy()
+        )
+
+    def norms(net: nn.Module, norm: str) -> np.ndarray:
+        return gradnorm_scores(net, data, scheme=scheme, norm=norm, batch_size=batch).numpy()
+
+    selecting = reader.model(strategy, trial, view.cycle)
+    at_selection = norms(selecting, "l2")
+    return {
+        "candidates": candidates,
+        "selected": view.selected,
+        "target": along_s(None),  # CE with the candidates' true labels
+        "approx1": along_s(lambda logits, _targets: loss(logits)),
+        "approx2": s_norm * norms(model, "l2"),
+        "approx3": s_norm * at_selection,
+        "eq5": at_selection if config.norm == "l2" else norms(selecting, config.norm),
+        "s": s,
+        "s_norm": s_norm,
+        "damping": float(damping),
+        "lambda_min": low,
+        "lambda_max": high,
+        "report": report,
+        "eval_samples": len(eval_idx),
+        "hessian_samples": len(hessian_idx),
+    }
+
+
+def influence(
+    reader: RunReader,
+    *,
+    damping: float | str = "auto",
+    curvature: str = "hessian",
+    tol: float = 1e-4,
+    max_iter: int = 200,
+    eval_samples: int | None = None,
+    hessian_samples: int | None = None,
+    at: str = "next",
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Table 2 and Fig. 3 per gradnorm strategy, trial and selecting cycle c (whose T^(c+1)
+    exists, for ``at="next"``): the overlap of the top-K candidates by Eq. 3 (true labels, at the
+    model ``at`` names, see :func:`influence_terms`) with the top-K by Eq. 5 (the
+    scheme's score at T^c, i.e. its selection), chance level K^2/M, the Spearman correlation of
+    Eq. 3 with Eq. 5, the four terms of :func:`influence_terms` averaged over the candidates, and
+    how the conjugate-gradient solve ended."""
+    reader.require_models()
+    if damping != "auto" and not (isinstance(damping, (int, float)) and damping >= 0):
+        raise ConfigError(f"damping must be 'auto' or a number >= 0, got {damping!r}")
+    if curvature not in CURVATURES:
+        raise ConfigError(f"unknown curvature {curvature!r}; use one of {', '.join(CURVATURES)}")
+    if tol <= 0 or max_iter < 1:
+        raise ConfigError("cg-tol must be > 0 and cg-max-iter >= 1")
+    for name, value in (("eval-samples", eval_samples), ("hessian-samples", hessian_samples)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+    schemes = [s for s in reader.strategies if hasattr(reader.strategy(s), "scheme")]
+    if not schemes:
+        raise RunDirectoryError(
+            f"{reader.run_dir} has no gradnorm strategy; the influence analysis compares Eq. 3 "
+            "with the ranking of entropy-gradnorm / expected-gradnorm: run one of them"
+        )
+    out = []
+    for strategy in schemes:
+        for trial in reader.trials(strategy):
+            views = reader.cycles(strategy, trial)
+            for view in views[: len(views) - 1] if at == "next" else views:
+                if view.selected is None:
+                    continue
+                _progress(log, f"influence {strategy} t{trial} c{view.cycle}")
+                t = influence_terms(
+                    reader,
+                    strategy,
+                    trial,
+                    view.cycle,
+                    damping=damping,
+                    curvature=curvature,
+                    tol=tol,
+                    max_iter=max_iter,
+                    eval_samples=eval_samples,
+                    hessian_samples=hessian_samples,
+                    at=at,
+                )
+                k, m = len(view.selected), len(view.candidates)
+                best = top_k(t["target"], view.candidates, k)
+                report = t["report"]
+                out.append(
+                    {
+                        "strategy": strategy,
+                        "trial": trial,
+                        "cycle": view.cycle,
+                        "num_labeled": len(view.labeled),
+                        "budget": k,
+                        "candidates": m,
+                        "overlap": int(np.isin(top_k(t["eq5"], view.candidates, k), best).sum()),
+                        "chance": k * k / m,
+                        "spearman": _spearman(t["target"], t["eq5"]),
+                        **{term: float(np.mean(t[term])) for term in TERMS},
+                        "s_norm": t["s_norm"],
+                        "eval_samples": t["eval_samples"],
+                        "hessian_samples": t["hessian_samples"],
+                        "model": "T^(c+1)" if at == "next" else "T^c",
+                        "curvature": curvature,
+                        "damping": t["damping"],
+                        "lambda_min": t["lambda_min"],
+                        "lambda_max": t["lambda_max"],
+                        "cg_iterations": report.iterations,
+                        "cg_relative_residual": report.relative_residual,
+                        "cg_converged": report.converged,
+                        "cg_negative_curvature": report.negative_curvature,
+                    }
+                )
+    if not out:
+        raise RunDirectoryError(
+            f"{reader.run_dir} has no gradnorm selection followed by a trained cycle yet"
+        )
+    return out
+
+
+def plot_influence_terms(summary: list[dict[str, Any]], path: Path) -> None:
+    """Fig. 3: the four averaged terms per cycle, one panel per scheme, to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    strategies = list(dict.fromkeys(r["strategy"] for r in summary))
+    fig, axes = plt.subplots(
+        1, len(strategies), figsize=(4.8 * len(strategies), 3.8), dpi=120, squeeze=False
+    )
+    for ax, strategy in zip(axes[0], strategies):
+        rows = sorted((r for r in summary if r["strategy"] == strategy), key=lambda r: r["cycle"])
+        x = [r["num_labeled"] for r in rows]
+        for term, style in zip(TERMS, ("-o", "--s", ":^", "-.v")):
+            ax.plot(
+                x, [r[f"{term}_mean"] for r in rows], style, markersize=4, label=TERM_NAMES[term]
+            )
+        ax.set_title(strategy)
+        ax.set_xlabel("labelled samples at selection")
+        ax.set_ylabel("mean over candidates")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format="png")
+    plt.close(fig)
+
+
+def write_influence(
+    reader: RunReader,
+    out_dir: Path | None = None,
+    *,
+    damping: float | str = "auto",
+    curvature: str = "hessian",
+    tol: float = 1e-4,
+    max_iter: int = 200,
+    eval_samples: int | None = None,
+    hessian_samples: int | None = None,
+    at: str = "next",
+    log: Callable[[str], None] | None = None,
+) -> str:
+    """Write analysis/influence.{md,csv} and influence_terms.png; return the markdown."""
+    records = influence(
+        reader,
+        damping=damping,
+        curvature=curvature,
+        tol=tol,
+        max_iter=max_iter,
+        eval_samples=eval_samples,
+        hessian_samples=hessian_samples,
+        at=at,
+        log=log,
+    )
+    summary = _summarise(
+        records,
+        ("overlap", "spearman", *TERMS),
+        ("num_labeled", "budget", "candidates", "chance"),
+    )
+    unconverged = [r for r in records if not r["cg_converged"]]
+    worst = max(r["cg_relative_residual"] for r in records)
+    iterations = [r["cg_iterations"] for r in records]
+    used = [r["damping"] for r in records]
+    how = f"{min(used):.3g}" if min(used) == max(used) else f"{min(used):.3g}–{max(used):.3g}"
+    if damping == "auto":
+        lows = [r["lambda_min"] for r in records]
+        how += (
+            f" (auto: Lanczos estimates of λ_min from {min(lows):.3g} to {max(lows):.3g}, "
+            f"λ_max up to {max(r['lambda_max'] for r in records):.3g})"
+        )
+    convergence = (
+        f"Conjugate gradient on the {curvature} with damping {how}: "
+        f"{len(records) - len(unconverged)} of "
+        f"{len(records)} solves reached relative residual {tol:g} in {min(iterations)}–"
+        f"{max(iterations)} iterations (worst residual {worst:.2g})."
+    )
+    if unconverged:
+        curvature = sum(r["cg_negative_curvature"] for r in unconverged)
+        convergence += (
+            f" **{len(unconverged)} did not converge** ({curvature} met negative curvature: "
+            "raise --damping; the others: raise --cg-max-iter); their rows are in the CSV."
+        )
+    m = "T^(c+1)" if at == "next" else "T^c"
+    md = (
+        "# Eq. 3's influence against the gradient norm (Table 2, Fig. 3)\n\n"
+        "Per cycle c, over the candidates x that each scheme scored: Eq. 3's influence term "
+        f"(1/n) Σ_j ∇L(x_j)ᵀ (H + λI)⁻¹ ∇L(x) with the true label at {m} (j over the test "
+        f"set, H the mean cross-entropy {curvature} over {m}'s labelled set).\n\n"
+        "## Table 2: top-K overlap of Eq. 3 with Eq. 5\n\n"
+        "Candidates among both the top-K by Eq. 3 and the top-K by the scheme's gradient norm "
+        "at T^c (its selection), mean ± std over trials / K (chance K²/M in brackets).\n\n"
+        + _pivot(
+            summary,
+            lambda r: (
+                f"{_pm(r['overlap_mean'], r['overlap_std'])} / {r['budget']} ({r['chance']:.1f})"
+            ),
+        )
+        + "\nSpearman rank correlation of Eq. 3 with Eq. 5 over the candidates:\n\n"
+        + _pivot(summary, lambda r: _pm(r["spearman_mean"], r["spearman_std"], 2))
+        + "\n## Fig. 3: the four terms, mean over candidates\n\n"
+        f"Target: Eq. 3 (true label, {m}). Approx-1: the scheme's loss in place of the "
+        f"label. Approx-2: ||s|| ||∇loss(x)|| at {m}, s = (H + λI)⁻¹ ḡ (Cauchy–Schwarz, ≥ "
+        "|Approx-1|). Approx-3: ||s|| ||∇loss(x)|| at T^c, the norm the scheme ranked by.\n\n"
+        + _pivot(
+            summary,
+            lambda r: " / ".join(f"{r[f'{term}_mean']:.3g}" for term in TERMS),
+        )
+        + f"\n{convergence}\n"
+    )
+    _write(reader.run_dir, out_dir, "influence", md, _csv(records))
+    folder = Path(out_dir) if out_dir is not None else reader.run_dir / ANALYSIS_DIR
+    plot_influence_terms(summary, folder / "influence_terms.png")
     return md
