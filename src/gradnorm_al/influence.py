@@ -261,10 +261,11 @@ def conjugate_gradient(
         needs ``A + lambda I`` positive definite, i.e. lambda > -lambda_min(A). CG does not fix an
         indefinite matrix: it stops at the first direction of non-positive curvature and reports
         ``negative_curvature``; choosing a larger damping is the caller's fix.
-    tol : stop when the recursive residual ``||r|| <= tol * ||b||``; ``converged`` is then judged on
-        the recomputed true residual (one extra ``matvec``), which in low precision may stay just
-        above ``tol``.
-    max_iter : at most this many CG steps.
+    tol : target relative residual. CG stops when its recursive residual ``||r|| <= tol * ||b||``;
+        then the true residual is recomputed (one extra ``matvec``) and, where floating-point drift
+        left it above ``tol``, CG restarts from x on it (while each restart halves it at least).
+        ``converged`` is judged on the true residual.
+    max_iter : at most this many CG steps in all.
 
     Returns
     -------
@@ -294,29 +295,36 @@ def conjugate_gradient(
     if b_norm == 0.0:
         return x, CGReport(0, 0.0, True, False)
     r = [t.clone() for t in rhs]
-    p = [t.clone() for t in rhs]
-    rr = b_norm**2
-    iterations, negative = 0, False
-    for _ in range(max_iter):
-        ap = damped(p)
-        curvature = _dot(p, ap)
-        if not curvature > 0:  # also stops on NaN, which then shows in the residual
-            negative = curvature <= 0
+    iterations, negative, relative = 0, False, 1.0
+    while True:
+        # one CG run from x on the residual r; it stops when its recursive residual meets tol
+        p = [t.clone() for t in r]
+        rr = _dot(r, r)
+        for _ in range(max_iter - iterations):
+            ap = damped(p)
+            curvature = _dot(p, ap)
+            if not curvature > 0:  # also stops on NaN, which then shows in the residual
+                negative = curvature <= 0
+                break
+            alpha = rr / curvature
+            for xi, pi in zip(x, p):
+                xi.add_(pi, alpha=alpha)
+            for ri, api in zip(r, ap):
+                ri.sub_(api, alpha=alpha)
+            iterations += 1
+            rr_next = _dot(r, r)
+            if math.sqrt(rr_next) <= tol * b_norm:
+                break
+            beta = rr_next / rr
+            p = [ri.add(pi, alpha=beta) for ri, pi in zip(r, p)]
+            rr = rr_next
+        # the recursive residual drifts from the true one in floating point: recompute it, and
+        # restart from x on the true residual while that still helps
+        r = rhs if iterations == 0 else [bi - ai for bi, ai in zip(rhs, damped(x))]
+        previous, relative = relative, math.sqrt(_dot(r, r)) / b_norm
+        if relative <= tol or negative or iterations >= max_iter or relative >= 0.5 * previous:
             break
-        alpha = rr / curvature
-        for xi, pi in zip(x, p):
-            xi.add_(pi, alpha=alpha)
-        for ri, api in zip(r, ap):
-            ri.sub_(api, alpha=alpha)
-        iterations += 1
-        rr_next = _dot(r, r)
-        if math.sqrt(rr_next) <= tol * b_norm:
-            break
-        beta = rr_next / rr
-        p = [ri.add(pi, alpha=beta) for ri, pi in zip(r, p)]
-        rr = rr_next
-    residual = rhs if iterations == 0 else [bi - ai for bi, ai in zip(rhs, damped(x))]
-    relative = math.sqrt(_dot(residual, residual)) / b_norm
+        r = [t.clone() for t in r]
     return x, CGReport(iterations, relative, relative <= tol, negative)
 
 

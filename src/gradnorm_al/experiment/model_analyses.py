@@ -542,10 +542,15 @@ def write_influence(
         f"{max(iterations)} iterations (worst residual {worst:.2g})."
     )
     if unconverged:
-        curvature = sum(r["cg_negative_curvature"] for r in unconverged)
+        negatives = sum(r["cg_negative_curvature"] for r in unconverged)
+        capped = sum(
+            r["cg_iterations"] >= max_iter and not r["cg_negative_curvature"] for r in unconverged
+        )
         convergence += (
-            f" **{len(unconverged)} did not converge** ({curvature} met negative curvature: "
-            "raise --damping; the others: raise --cg-max-iter); their rows are in the CSV."
+            f" **{len(unconverged)} did not converge**: {negatives} met negative curvature "
+            f"(raise --damping), {capped} used all {max_iter} iterations (raise --cg-max-iter), "
+            f"{len(unconverged) - negatives - capped} stalled at the precision of the model's "
+            "dtype (raise --cg-tol); their rows are in the CSV."
         )
     m = "T^(c+1)" if at == "next" else "T^c"
     md = (
