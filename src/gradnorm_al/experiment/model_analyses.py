@@ -483,9 +483,12 @@ def plot_influence_terms(summary: list[dict[str, Any]], path: Path) -> None:
             ax.plot(
                 x, [r[f"{term}_mean"] for r in rows], style, markersize=4, label=TERM_NAMES[term]
             )
+        values = [abs(r[f"{term}_mean"]) for r in rows for term in TERMS]
+        tiny = min((v for v in values if v > 0), default=1.0)
+        ax.set_yscale("symlog", linthresh=tiny)  # the terms span orders of magnitude; may be < 0
         ax.set_title(strategy)
         ax.set_xlabel("labelled samples at selection")
-        ax.set_ylabel("mean over candidates")
+        ax.set_ylabel("mean over candidates (symlog)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
