@@ -87,6 +87,12 @@ LAYER_CASES = {
         lambda: nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU()),
         (3, 7, 7),
     ),
+    "conv2d-channels-over-columns": (  # the channels-last im2col (C_in >= output width)
+        lambda: nn.Sequential(
+            nn.Conv2d(6, 4, 3, stride=2, padding=2, dilation=2), nn.Tanh(), nn.Conv2d(4, 3, 2)
+        ),
+        (6, 5, 5),
+    ),
     "conv2d-dilated-grouped": (
         lambda: nn.Conv2d(4, 6, (3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 1), groups=2),
         (4, 6, 6),
@@ -142,9 +148,25 @@ LAYER_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(LAYER_CASES))
-@pytest.mark.parametrize("method", [None, "ghost", "materialize", "im2col"])
+@pytest.mark.parametrize("method", [None, "ghost", "materialize", "im2col", "grouped"])
 def test_every_layer_matches_the_loop(case, method, monkeypatch):
     monkeypatch.setattr(layer_rules, "FORCE_METHOD", method)
+    make, shape = LAYER_CASES[case]
+    model, x = _net(make(), shape)
+    _assert_exact(model, x)
+
+
+CONV_CASES = sorted(c for c in LAYER_CASES if c.startswith("conv"))
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("method", [None, "im2col", "grouped"])
+def test_blocks_of_one_sample_and_the_default_grouped_switch(case, method, monkeypatch):
+    """Blocks of one sample (BLOCK_BYTES=1), and with IM2COL_BYTES=0 the default picks the
+    grouped convolution backward wherever it would otherwise build an im2col."""
+    monkeypatch.setattr(layer_rules, "FORCE_METHOD", method)
+    monkeypatch.setattr(layer_rules, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(layer_rules, "IM2COL_BYTES", 0)
     make, shape = LAYER_CASES[case]
     model, x = _net(make(), shape)
     _assert_exact(model, x)
@@ -386,7 +408,7 @@ def conv_nets(draw):
             layers.append(nn.BatchNorm2d(c_out))
         layers.append(draw(st.sampled_from([nn.ReLU(inplace=True), nn.Tanh(), nn.Identity()])))
         c, h = c_out, h_out
-    method = draw(st.sampled_from([None, "ghost", "materialize", "im2col"]))
+    method = draw(st.sampled_from([None, "ghost", "materialize", "im2col", "grouped"]))
     return nn.Sequential(*layers), (c_in, size, size), method, draw(st.integers(0, 1000))
 
 

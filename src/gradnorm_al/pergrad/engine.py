@@ -6,9 +6,10 @@ the parameters, so no weight-gradient GEMM runs) delivers each such output's gra
 and the layer rule in :mod:`.layers` turns (input, output gradient) into per-sample squared norms.
 In eval mode samples do not interact, so row n of every output gradient is sample n's alone.
 
-Nothing upstream of the first parameterised modules requires grad; a zero scalar "anchor" added
-to each of their outputs is what the backward differentiates against, so not even the input
-gradient of the first layer is computed.
+Nothing upstream of the first parameterised modules requires grad: the backward differentiates
+against the gradient edges of their outputs (taken when they are made, so that later in-place
+changes do not move them), so neither the weight nor the input gradient of a first layer is
+computed, and nothing is added to the forward pass.
 
 Exactness guards. The autograd graph is walked to find every trainable parameter the loss reaches;
 each must be owned by a module that ran exactly once and whose rule covered it, and must feed the
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 from torch.func import functional_call, vjp, vmap
 
 from .common import LossFn, check_norm, eval_mode, first_output, reduce_squared_norms
@@ -63,11 +65,14 @@ def _owned(module: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
 
 
-def _reached_parameters(root: torch.autograd.graph.Node | None) -> dict[int, int]:
+def _reached_parameters(
+    root: torch.autograd.graph.Node | None,
+) -> tuple[dict[int, int], set[torch.autograd.graph.Node]]:
     """id(leaf tensor) -> number of graph edges into its AccumulateGrad node, for every leaf that
-    requires grad and that the loss reaches."""
+    requires grad and that the loss reaches; and the set of graph nodes the loss reaches."""
     edges: dict[int, int] = {}
-    seen, stack = set(), [root]
+    seen: set[torch.autograd.graph.Node] = set()
+    stack = [root]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -80,7 +85,7 @@ def _reached_parameters(root: torch.autograd.graph.Node | None) -> dict[int, int
                 key = id(child.variable)
                 edges[key] = edges.get(key, 0) + 1
             stack.append(child)
-    return edges
+    return edges, seen
 
 
 class _Engine:
@@ -125,32 +130,30 @@ class _Engine:
         if not isinstance(outputs, (tuple, list)):
             raise _NeedsWholeModelFallback(f"{type(module).__name__} returns {type(output)}")
         call.n_outputs = len(outputs)
-        anchor_needed = not any(a.requires_grad for a in tensor_args)
-        new_outputs = list(outputs)
+        root = not any(a.requires_grad for a in tensor_args)
         for i, out in enumerate(outputs):
             if not (isinstance(out, torch.Tensor) and out.requires_grad):
                 continue
-            if anchor_needed:
-                # nothing upstream requires grad: add a zero leaf to differentiate against, so
-                # that the backward pass reaches this output
-                anchor = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
-                self.anchors.append(anchor)
-                out = out + anchor
-                new_outputs[i] = out
-            out.register_hook(self._grad_hook(call, i))
-        if anchor_needed:
-            return new_outputs[0] if isinstance(output, torch.Tensor) else type(output)(new_outputs)
+            if root:
+                # nothing upstream requires grad: the backward stops at this output's edge and
+                # hands its gradient over directly (no hook: the edge is captured, not run)
+                self.roots.append((get_gradient_edge(out), call, i))
+            else:
+                out.register_hook(self._grad_hook(call, i))
         return None
 
     def _grad_hook(self, call: _Call, index: int) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
-            if call.rule is not None:
-                # compute at once and drop the gradient: memory stays at one layer's worth
-                call.result = self._apply_rule(call, grad)
-            else:
-                call.out_grads[index] = grad.detach()
+            self._receive(call, index, grad)
 
         return hook
+
+    def _receive(self, call: _Call, index: int, grad: torch.Tensor) -> None:
+        if call.rule is not None:
+            # compute at once and drop the gradient: memory stays at one layer's worth
+            call.result = self._apply_rule(call, grad)
+        else:
+            call.out_grads[index] = grad.detach()
 
     # ------------------------------------------------------------------ per-layer work
     def _check_unmodified(self, call: _Call) -> None:
@@ -206,14 +209,14 @@ class _Engine:
             raise _NeedsWholeModelFallback(
                 "tied parameters" if self.tied else "BatchNorm without running statistics"
             )
-        self.calls, self.anchors, self.reused = {}, [], False
+        self.calls, self.roots, self.reused = {}, [], False
         handles = [
             m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self.hooked
         ]
         try:
             self.active = True
-            # the input itself does not require grad: the first modules get zero "anchors" on
-            # their outputs instead, so no gradient w.r.t. the raw input is ever computed
+            # the input itself does not require grad: the backward ends at the output edges of
+            # the first modules, so no gradient w.r.t. the raw input is ever computed
             loss = self.loss_fn(first_output(self.model(x.detach())))
             if loss.shape != (x.shape[0],):
                 raise ValueError(
@@ -222,10 +225,13 @@ class _Engine:
                 )
             if self.reused:
                 raise _NeedsWholeModelFallback("a module is called more than once per forward")
-            edges = _reached_parameters(loss.grad_fn)
-            wrt = [t for t in self.anchors if id(t) in edges]
-            if wrt:
-                torch.autograd.grad(loss.sum(), wrt, allow_unused=True)
+            edges, nodes = _reached_parameters(loss.grad_fn)
+            roots = [r for r in self.roots if r[0].node in nodes]
+            if roots:
+                grads = torch.autograd.grad(loss.sum(), [r[0] for r in roots], allow_unused=True)
+                for (_, call, index), grad in zip(roots, grads):
+                    if grad is not None:
+                        self._receive(call, index, grad)
             self.active = False
             squared = torch.zeros(
                 x.shape[0], len(self.params), dtype=torch.float64, device=x.device

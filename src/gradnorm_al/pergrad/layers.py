@@ -20,21 +20,27 @@ SquaredNorms = dict[str, torch.Tensor]
 Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor], SquaredNorms]
 
 _BLOCK = 4096  # float32 partial sums stay accurate over blocks this long
+_ONE_PASS = 16 * _BLOCK  # ... and within ~1e-6 over rows this long
 
 #: None: choose per layer by estimated cost; "ghost" / "materialize" force the Gram identity or
-#: the materialised per-sample gradient wherever either applies, and "im2col" forces the im2col
-#: flavour of materialisation for planar convolutions (for tests and benchmarks)
+#: the materialised per-sample gradient wherever either applies ("materialize": through shifted
+#: windows for planar convolutions), "im2col" and "grouped" force those flavours of
+#: materialisation for planar convolutions (for tests and benchmarks)
 FORCE_METHOD: str | None = None
 
-#: planar convolutions materialise per-sample weight gradients through an explicit (channels-last)
-#: im2col when it has few inputs per output (C_in x kernel area, a first layer on RGB or grey
-#: images) or when the whole chunk's im2col stays this small; otherwise through shifted windows
-SMALL_IM2COL = 32
-IM2COL_BYTES = 16 * 2**20
+#: planar convolutions materialise per-sample weight gradients through an explicit im2col, in
+#: blocks of samples, unless one sample's im2col is larger than this: then oneDNN's (or cuDNN's)
+#: own weight-gradient kernel with the batch folded into the groups is faster (measured)
+IM2COL_BYTES = 2 * 2**20
 
 #: cost of one strided element-wise add relative to one multiply-add inside a matrix product
 #: (measured on a 2-core AVX-512 CPU); weighs the offset sums of the padded-input ghost norm
 STRIDED_ADD_COST = 32
+
+#: materialising rules take the samples of a chunk in blocks whose temporaries (im2col rows and
+#: per-sample gradients) are about this large: memory stays bounded for large layers, and on a
+#: 2-core CPU blocks of this size were as fast as one block for the whole chunk (measured)
+BLOCK_BYTES = 4 * 2**20
 
 
 def _use_ghost(ghost_cost: float, materialize_cost: float) -> bool:
@@ -46,12 +52,15 @@ def _use_ghost(ghost_cost: float, materialize_cost: float) -> bool:
 def squared_norms(t: torch.Tensor) -> torch.Tensor:
     """float64 [N]: sum of squares of each row of ``t`` [N, ...], accurate for huge rows.
 
-    float32 norms over millions of elements lose ~1e-5 relative; blocks of 4096 are reduced in the
-    input dtype and the block results summed in float64.
+    float32 norms over millions of elements lose ~1e-5 relative; rows longer than
+    ``_ONE_PASS`` are reduced in blocks of 4096 in the input dtype and the block results summed in
+    float64 (shorter rows lose ~1e-6 at most, in one cheap call).
     """
     t = t.reshape(t.shape[0], -1)
     if t.dtype == torch.float64:
         return torch.linalg.vector_norm(t, dim=1).square()
+    if t.shape[1] <= _ONE_PASS:
+        return torch.linalg.vector_norm(t, dim=1).double().square()
     n, m = t.shape
     k = m // _BLOCK
     total = torch.zeros(n, dtype=torch.float64, device=t.device)
@@ -150,22 +159,41 @@ def _phases(a: torch.Tensor, module, padding) -> list[tuple[torch.Tensor, int, l
     start + r * width + c: a plain strided window of ``ho * width`` rows ("wide" positions; the
     extra columns of each row are junk that a zero-padded output gradient cancels)."""
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-    padded = F.pad(a, (padding[1], padding[1], padding[0], padding[0]))
+    n, c = a.shape[:2]
     starts: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for i in range(kh):
         qr, pr = divmod(i * dh, sh)
         for j in range(kw):
             qc, pc = divmod(j * dw, sw)
             starts.setdefault((pr, pc), []).append((qr, qc))
+    if sh == sw == 1:  # one phase: the padded input itself
+        padded = _padded_channels_last(a, padding, spare_rows=1)
+        width = padded.shape[2]
+        return [(padded.view(n, -1, c), width, [qr * width + qc for qr, qc in starts[0, 0]])]
+    padded = _padded_channels_last(a, padding)
     out = []
     for (pr, pc), offsets in starts.items():
-        phase = padded[:, :, pr::sh, pc::sw]
-        width = phase.shape[3]
-        flat = F.pad(phase, (0, 0, 0, 1)).permute(0, 2, 3, 1).contiguous()
-        out.append(
-            (flat.view(a.shape[0], -1, a.shape[1]), width, [qr * width + qc for qr, qc in offsets])
-        )
+        phase = padded[:, pr::sh, pc::sw]
+        width = phase.shape[2]
+        flat = phase.new_zeros(n, phase.shape[1] + 1, width, c)
+        flat[:, :-1] = phase
+        out.append((flat.view(n, -1, c), width, [qr * width + qc for qr, qc in offsets]))
     return out
+
+
+def _padded_channels_last(a: torch.Tensor, padding, spare_rows: int = 0) -> torch.Tensor:
+    """a [N, C, H, W] zero-padded by ``padding`` (plus ``spare_rows`` zero rows at the bottom) in
+    one copy, channels last: [N, H + 2 p_h + spare_rows, W + 2 p_w, C]."""
+    n, c, h, w = a.shape
+    out = a.new_zeros(n, h + 2 * padding[0] + spare_rows, w + 2 * padding[1], c)
+    out[:, padding[0] : padding[0] + h, padding[1] : padding[1] + w] = a.permute(0, 2, 3, 1)
+    return out
+
+
+def _sample_blocks(n: int, per_sample_bytes: int) -> list[slice]:
+    """Consecutive blocks of the chunk's samples whose temporaries take about BLOCK_BYTES."""
+    size = max(1, min(n, BLOCK_BYTES // max(1, per_sample_bytes)))
+    return [slice(i, i + size) for i in range(0, n, size)]
 
 
 def _wide(g: torch.Tensor, width: int) -> torch.Tensor:
@@ -236,16 +264,21 @@ def _im2col_sq_norms(a: torch.Tensor, g: torch.Tensor, module, padding) -> torch
     n, c_in = a.shape[:2]
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
     ho, wo = g.shape[2:]
-    padded = F.pad(a, (padding[1], padding[1], padding[0], padding[0]))
     g_flat = g.reshape(n, g.shape[1], -1)
     if c_in >= wo and kh * kw > 1:
-        padded = padded.permute(0, 2, 3, 1).contiguous()  # [N, H, W, C]
-        s_n, s_h, s_w, s_c = padded.stride()
-        cols = padded.as_strided(
-            (n, ho, wo, kh, kw, c_in), (s_n, sh * s_h, sw * s_w, dh * s_h, dw * s_w, s_c)
-        ).reshape(n, ho * wo, kh * kw * c_in)
-        return squared_norms(torch.bmm(g_flat, cols))
-    padded = padded.contiguous()
+        # blocks of samples bound the memory of the im2col rows and per-sample gradients
+        per_sample = (ho * wo + g.shape[1]) * kh * kw * c_in * a.element_size()
+        total = []
+        for block in _sample_blocks(n, per_sample):
+            padded = _padded_channels_last(a[block], padding)  # [B, H, W, C]
+            s_n, s_h, s_w, s_c = padded.stride()
+            cols = padded.as_strided(
+                (padded.shape[0], ho, wo, kh, kw, c_in),
+                (s_n, sh * s_h, sw * s_w, dh * s_h, dw * s_w, s_c),
+            ).reshape(-1, ho * wo, kh * kw * c_in)
+            total.append(squared_norms(torch.bmm(g_flat[block], cols)))
+        return torch.cat(total)
+    padded = F.pad(a, (padding[1], padding[1], padding[0], padding[0])).contiguous()
     s_n, s_c, s_h, s_w = padded.stride()
     cols = padded.as_strided(
         (n, c_in, kh, kw, ho, wo), (s_n, s_c, dh * s_h, dw * s_w, sh * s_h, sw * s_w)
@@ -272,20 +305,34 @@ def conv_rule(module: nn.modules.conv._ConvNd, a: torch.Tensor, g: torch.Tensor)
 
 def _planar_conv_sq_norms(conv, a: torch.Tensor, g: torch.Tensor, padding) -> torch.Tensor:
     """Weight squared norms of a 2-D, groups=1 convolution by the cheapest exact route: ghost norm
-    on the padded input's Gram matrix, or materialisation through im2col or shifted windows."""
-    n, c_out, length = g.shape[0], g.shape[1], g.shape[2] * g.shape[3]
+    on the padded input's Gram matrix, or materialisation through im2col (blocks of samples)
+    or, when one sample's im2col alone is large, through the convolution backward with the batch
+    folded into the groups (no im2col at all)."""
+    length = g.shape[2] * g.shape[3]
     d = conv.weight[0].numel()  # C_in x kernel area
-    small = d <= SMALL_IM2COL or n * length * d * a.element_size() <= IM2COL_BYTES
     if FORCE_METHOD == "im2col":
         return _im2col_sq_norms(a, g, conv, padding)
-    # the shifted windows run over the padded width: that many more positions
-    wide = length * (a.shape[-1] + 2 * padding[-1]) / (conv.stride[-1] * g.shape[-1])
-    materialize = (length if small else wide) * d * c_out
-    if _use_ghost(_padded_gram_cost(a, g, conv, padding), materialize):
+    if FORCE_METHOD == "grouped":
+        return _grouped_sq_norms(conv, a, g, padding)
+    if _use_ghost(_padded_gram_cost(a, g, conv, padding), length * d * g.shape[1]):
         return _padded_gram_sq_norms(a, g, conv, padding)
-    if small and FORCE_METHOD is None:
-        return _im2col_sq_norms(a, g, conv, padding)
-    return _shifted_window_sq_norms(a, g, conv, padding)
+    if FORCE_METHOD == "materialize":
+        return _shifted_window_sq_norms(a, g, conv, padding)
+    if length * d * a.element_size() > IM2COL_BYTES:
+        return _grouped_sq_norms(conv, a, g, padding)
+    return _im2col_sq_norms(a, g, conv, padding)
+
+
+def _grouped_sq_norms(conv, a: torch.Tensor, g: torch.Tensor, padding) -> torch.Tensor:
+    """float64 [N] weight squared norms through :func:`_per_sample_conv_weight_grads`, in blocks
+    of samples (bounded memory for the per-sample gradients)."""
+    per_sample = (a[0].numel() + g[0].numel() + conv.weight.numel()) * a.element_size()
+    return torch.cat(
+        [
+            squared_norms(_per_sample_conv_weight_grads(conv, a[block], g[block], padding))
+            for block in _sample_blocks(a.shape[0], per_sample)
+        ]
+    )
 
 
 class _As2d:
@@ -295,7 +342,8 @@ class _As2d:
         self.kernel_size = (1, *module.kernel_size)
         self.stride = (1, *module.stride)
         self.dilation = (1, *module.dilation)
-        self.weight = module.weight
+        self.weight = module.weight.unsqueeze(2)
+        self.groups, self.transposed = 1, False
 
 
 # -------------------------------------------------------------------------------- normalisation
