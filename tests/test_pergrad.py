@@ -364,6 +364,16 @@ def test_a_wrong_loss_shape_is_reported():
         per_sample_grad_norms(model, torch.randn(4, 3), lambda z: z.sum())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("length", [1000, 70_000])  # one pass / blocks of 4096
+def test_squared_norms_accumulate_low_precision_in_float32(dtype, length):
+    t = torch.randn(3, length, generator=torch.Generator().manual_seed(0)).to(dtype)
+    exact = t.double().square().sum(dim=1)  # the same (exactly representable) values
+    ours = layer_rules.squared_norms(t)
+    assert ours.dtype == torch.float64
+    assert float(((ours - exact).abs() / exact).max()) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_low_precision_models_are_close_to_float64(dtype):
     torch.manual_seed(0)

@@ -59,16 +59,19 @@ def squared_norms(t: torch.Tensor) -> torch.Tensor:
     t = t.reshape(t.shape[0], -1)
     if t.dtype == torch.float64:
         return torch.linalg.vector_norm(t, dim=1).square()
+    # float16 / bfloat16 values are reduced (and their norms returned) in float32: a norm rounded
+    # to bfloat16 would lose ~0.2%
+    acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
     if t.shape[1] <= _ONE_PASS:
-        return torch.linalg.vector_norm(t, dim=1).double().square()
+        return torch.linalg.vector_norm(t, dim=1, dtype=acc).double().square()
     n, m = t.shape
     k = m // _BLOCK
     total = torch.zeros(n, dtype=torch.float64, device=t.device)
     if k:
-        blocks = torch.linalg.vector_norm(t[:, : k * _BLOCK].reshape(n, k, _BLOCK), dim=2)
-        total += blocks.double().square().sum(dim=1)
+        blocks = t[:, : k * _BLOCK].reshape(n, k, _BLOCK)
+        total += torch.linalg.vector_norm(blocks, dim=2, dtype=acc).double().square().sum(dim=1)
     if m % _BLOCK:
-        total += torch.linalg.vector_norm(t[:, k * _BLOCK :], dim=1).double().square()
+        total += torch.linalg.vector_norm(t[:, k * _BLOCK :], dim=1, dtype=acc).double().square()
     return total
 
 
