@@ -208,6 +208,13 @@ def test_influence_terms_against_independent_autograd(reader, at):
     np.testing.assert_array_equal(top_k(t["eq5"], view.candidates, k), view.selected)
 
 
+def test_influence_terms_refuse_a_cycle_without_what_they_need(reader):
+    with pytest.raises(RunDirectoryError, match="followed by a trained cycle"):
+        influence_terms(reader, "entropy-gradnorm", 0, 2)  # the last cycle selects nothing
+    with pytest.raises(RunDirectoryError, match="no selection at cycle 2"):
+        influence_terms(reader, "entropy-gradnorm", 0, 2, at="selection")
+
+
 def test_influence_table_overlap_is_a_brute_force_count_and_the_command_writes_fig3(
     reader, run_dir, capsys
 ):

@@ -317,6 +317,12 @@ def influence_terms(
     views = reader.cycles(strategy, trial)
     if at not in INFLUENCE_AT:
         raise ConfigError(f"unknown model {at!r} for Eq. 3; use one of {', '.join(INFLUENCE_AT)}")
+    if cycle + (at == "next") >= len(views) or views[cycle].selected is None:
+        raise RunDirectoryError(
+            f"{strategy} trial {trial} has no selection at cycle {cycle}"
+            + (" followed by a trained cycle" if at == "next" else "")
+            + "; pick an earlier cycle"
+        )
     view = views[cycle]
     base = views[cycle + 1] if at == "next" else view
     generator = rng(reader.seed(trial), ANALYSIS, cycle)
