@@ -16,6 +16,7 @@ from gradnorm_al.cli import main
 from gradnorm_al.errors import RunDirectoryError
 from gradnorm_al.experiment import ExperimentConfig, run_experiment
 from gradnorm_al.experiment.model_analyses import (
+    InfluenceSettings,
     gradnorm_decrease,
     influence,
     influence_terms,
@@ -158,12 +159,16 @@ def test_a_run_without_kept_models_is_refused_with_the_fix(tmp_path, capsys, sma
 INFLUENCE = dict(eval_samples=60, hessian_samples=40, tol=1e-4, max_iter=100)
 
 
+def _settings(**more) -> InfluenceSettings:
+    return InfluenceSettings(**INFLUENCE, **more)
+
+
 @pytest.mark.parametrize("at", ["next", "selection"])
 def test_influence_terms_against_independent_autograd(reader, at):
     """Eq. 3 per candidate = s . grad CE(x, y) by one backward per candidate; s solves
     (H + damping I) s = g_bar with H and g_bar from plain autograd on the same samples."""
     strategy, trial, cycle = "entropy-gradnorm", 0, 0
-    t = influence_terms(reader, strategy, trial, cycle, at=at, **INFLUENCE)
+    t = influence_terms(reader, strategy, trial, cycle, _settings(at=at))
     assert t["report"].converged and t["damping"] > 0 and t["lambda_min"] < t["lambda_max"]
     views = reader.cycles(strategy, trial)
     view = views[cycle]
@@ -212,16 +217,16 @@ def test_influence_terms_refuse_a_cycle_without_what_they_need(reader):
     with pytest.raises(RunDirectoryError, match="followed by a trained cycle"):
         influence_terms(reader, "entropy-gradnorm", 0, 2)  # the last cycle selects nothing
     with pytest.raises(RunDirectoryError, match="no selection at cycle 2"):
-        influence_terms(reader, "entropy-gradnorm", 0, 2, at="selection")
+        influence_terms(reader, "entropy-gradnorm", 0, 2, InfluenceSettings(at="selection"))
 
 
 def test_influence_table_overlap_is_a_brute_force_count_and_the_command_writes_fig3(
     reader, run_dir, capsys
 ):
-    records = influence(reader, **INFLUENCE)
+    records = influence(reader, _settings())
     assert {(r["trial"], r["cycle"]) for r in records} == {(0, 0), (0, 1), (1, 0), (1, 1)}
     r = records[0]
-    t = influence_terms(reader, "entropy-gradnorm", r["trial"], r["cycle"], **INFLUENCE)
+    t = influence_terms(reader, "entropy-gradnorm", r["trial"], r["cycle"], _settings())
     k = r["budget"]
     by_eq3 = set(np.asarray(t["candidates"])[np.argsort(-t["target"], kind="stable")[:k]])
     by_eq5 = set(np.asarray(t["candidates"])[np.argsort(-t["eq5"], kind="stable")[:k]])

@@ -287,18 +287,16 @@ def _analyze(args: argparse.Namespace) -> int:
     elif args.analysis == "gradnorm-decrease":
         md = model_analyses.write_gradnorm_decrease(reader, out, args.norm, log)
     else:
-        md = model_analyses.write_influence(
-            reader,
-            out,
+        settings = model_analyses.InfluenceSettings(
             damping=args.damping,
             curvature=args.curvature,
-            at=args.at,
             tol=args.cg_tol,
             max_iter=args.cg_max_iter,
             eval_samples=args.eval_samples,
             hessian_samples=args.hessian_samples,
-            log=log,
+            at=args.at,
         )
+        md = model_analyses.write_influence(reader, out, settings, log)
     print(md, end="")
     return 0
 

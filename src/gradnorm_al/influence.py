@@ -99,14 +99,11 @@ def mean_loss_gradient(
     """
     params = list(trainable_params(model).values())
     n = _count(dataset, indices)
-    total = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
+    total = _zeros(params)
     with eval_mode(model), torch.enable_grad():
         for x, y in _labelled_batches(model, dataset, indices, batch_size, device):
             loss = _per_sample_ce(first_output(model(x)), y).sum() / n
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for acc, g in zip(total, grads):
-                if g is not None:  # None: a parameter the loss does not reach
-                    acc.add_(g)
+            _accumulate(total, torch.autograd.grad(loss, params, allow_unused=True))
     return total
 
 
@@ -133,7 +130,7 @@ def hessian_vector_product(
 
     def hvp(v: Sequence[torch.Tensor]) -> Vector:
         vec = _as_vector(v, params, "the vector")
-        out = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
+        out = _zeros(params)
         with eval_mode(model), torch.enable_grad():
             for x, y in _labelled_batches(model, dataset, indices, batch_size, device):
                 loss = _per_sample_ce(first_output(model(x)), y).sum() / m
@@ -145,10 +142,7 @@ def hessian_vector_product(
                 ]
                 if not terms:
                     continue
-                hv = torch.autograd.grad(sum(terms), params, allow_unused=True)
-                for acc, h in zip(out, hv):
-                    if h is not None:
-                        acc.add_(h)
+                _accumulate(out, torch.autograd.grad(sum(terms), params, allow_unused=True))
         return out
 
     return hvp
@@ -180,7 +174,7 @@ def gauss_newton_vector_product(
 
     def gvp(v: Sequence[torch.Tensor]) -> Vector:
         tangents = dict(zip(named, _as_vector(v, params, "the vector")))
-        out = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
+        out = _zeros(params)
         with eval_mode(model), torch.enable_grad():
             for x, _y in _labelled_batches(model, dataset, indices, batch_size, device):
                 primals = {n: p.detach() for n, p in named.items()}
@@ -197,9 +191,7 @@ def gauss_newton_vector_product(
                 grads = torch.autograd.grad(
                     logits, params, grad_outputs=u / (m * positions), allow_unused=True
                 )
-                for acc, g in zip(out, grads):
-                    if g is not None:
-                        acc.add_(g)
+                _accumulate(out, grads)
         return out
 
     return gvp
@@ -499,6 +491,17 @@ def influence_scores(
 
 
 # ---------------------------------------------------------------------- helpers
+def _zeros(params: list[torch.Tensor]) -> Vector:
+    return [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
+
+
+def _accumulate(total: Vector, grads: Sequence[torch.Tensor | None]) -> None:
+    """total += grads in place; None is a parameter the loss does not reach (adds nothing)."""
+    for acc, g in zip(total, grads):
+        if g is not None:
+            acc.add_(g)
+
+
 @contextlib.contextmanager
 def _quiet_jvp() -> Iterator[None]:
     """torch's first forward-AD call scripts its JVP decompositions and warns that

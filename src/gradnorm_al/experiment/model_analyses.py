@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +260,51 @@ LANCZOS_STEPS = 20
 INFLUENCE_AT = ("next", "selection")
 
 
+@dataclass(frozen=True)
+class InfluenceSettings:
+    """How ``analyze influence`` evaluates Eq. 3 (see :func:`influence_terms`).
+
+    ``damping``: λ >= 0 or "auto" (:func:`auto_damping`); ``curvature``: "hessian" or
+    "gauss-newton"; ``tol`` / ``max_iter``: the CG stopping rule; ``eval_samples`` /
+    ``hessian_samples``: seeded subsets of the test set / labelled set (None: all); ``at``: the
+    model, "next" (T^(c+1)) or "selection" (T^c).
+    """
+
+    damping: float | str = "auto"
+    curvature: str = "hessian"
+    tol: float = 1e-4
+    max_iter: int = 200
+    eval_samples: int | None = None
+    hessian_samples: int | None = None
+    at: str = "next"
+
+    def check(self) -> None:
+        """Raise ConfigError naming the first bad value."""
+        d = self.damping
+        if d != "auto" and not (isinstance(d, (int, float)) and d >= 0):
+            raise ConfigError(f"damping must be 'auto' or a number >= 0, got {d!r}")
+        if self.curvature not in CURVATURES:
+            raise ConfigError(
+                f"unknown curvature {self.curvature!r}; use one of {', '.join(CURVATURES)}"
+            )
+        if self.at not in INFLUENCE_AT:
+            raise ConfigError(
+                f"unknown model {self.at!r} for Eq. 3; use one of {', '.join(INFLUENCE_AT)}"
+            )
+        if self.tol <= 0 or self.max_iter < 1:
+            raise ConfigError("cg-tol must be > 0 and cg-max-iter >= 1")
+        for name, value in (
+            ("eval-samples", self.eval_samples),
+            ("hessian-samples", self.hessian_samples),
+        ):
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be at least 1, got {value}")
+
+    @property
+    def model(self) -> str:
+        return "T^(c+1)" if self.at == "next" else "T^c"
+
+
 def auto_damping(lambda_min: float, lambda_max: float) -> float:
     """A damping that makes H + damping I positive definite with a margin: twice the magnitude of
     H's (Lanczos-estimated, hence under-estimated) most negative eigenvalue, and at least 1e-3 of
@@ -284,14 +330,7 @@ def influence_terms(
     strategy: str,
     trial: int,
     cycle: int,
-    *,
-    damping: float | str = "auto",
-    curvature: str = "hessian",
-    tol: float = 1e-4,
-    max_iter: int = 200,
-    eval_samples: int | None = None,
-    hessian_samples: int | None = None,
-    at: str = "next",
+    settings: InfluenceSettings = InfluenceSettings(),
 ) -> dict[str, Any]:
     """Eq. 3 and its approximations for every candidate that ``strategy`` (a gradnorm scheme)
     scored at ``cycle`` c, with s = (H + damping I)^-1 g_bar at T^(c+1) (``at="next"``: the model
@@ -303,9 +342,9 @@ def influence_terms(
     * ``approx2`` ||s|| ||grad loss(x)|| at T^(c+1): the Cauchy-Schwarz bound, >= |approx1|;
     * ``approx3`` ||s|| ||grad loss(x)|| at T^c: the bound with the norm the scheme ranked by.
 
-    j runs over the (``eval_samples`` of the) test set, H is the mean CE Hessian over the (
-    ``hessian_samples`` of the) samples T^(c+1) was trained on; norms are global L2 (Eq. 5).
-    ``eq5`` is the scheme's score at T^c with the run's norm: what the selection ranked.
+    j runs over the (``settings.eval_samples`` of the) test set, H is the mean CE Hessian over the
+    (``settings.hessian_samples`` of the) samples T^(c+1) was trained on; norms are global L2
+    (Eq. 5). ``eq5`` is the scheme's score at T^c with the run's norm: what the selection ranked.
     ``curvature="gauss-newton"`` uses the (positive semi-definite) Gauss-Newton matrix for H.
     ``damping="auto"``: :func:`auto_damping` from Lanczos estimates of H's extreme eigenvalues.
     Returns those float64 arrays [M] plus ``candidates``, ``selected``, ``s``, ``s_norm``, the
@@ -315,8 +354,8 @@ def influence_terms(
     scheme = _scheme(reader, strategy)
     loss = SCHEME_LOSSES[scheme]
     views = reader.cycles(strategy, trial)
-    if at not in INFLUENCE_AT:
-        raise ConfigError(f"unknown model {at!r} for Eq. 3; use one of {', '.join(INFLUENCE_AT)}")
+    settings.check()
+    at = settings.at
     if cycle + (at == "next") >= len(views) or views[cycle].selected is None:
         raise RunDirectoryError(
             f"{strategy} trial {trial} has no selection at cycle {cycle}"
@@ -326,22 +365,23 @@ def influence_terms(
     view = views[cycle]
     base = views[cycle + 1] if at == "next" else view
     generator = rng(reader.seed(trial), ANALYSIS, cycle)
-    eval_idx = _sample(np.arange(len(bundle.test)), eval_samples, generator)
-    hessian_idx = _sample(base.labeled, hessian_samples, generator)
+    eval_idx = _sample(np.arange(len(bundle.test)), settings.eval_samples, generator)
+    hessian_idx = _sample(base.labeled, settings.hessian_samples, generator)
     batch = config.score_batch_size
     model = reader.model(strategy, trial, base.cycle)
     g_bar = mean_loss_gradient(model, bundle.test, eval_idx, batch_size=batch)
     product = curvature_vector_product(
-        model, bundle.train_eval, hessian_idx, curvature=curvature, batch_size=batch
+        model, bundle.train_eval, hessian_idx, curvature=settings.curvature, batch_size=batch
     )
     low = high = float("nan")
+    damping = settings.damping
     if damping == "auto":
         low, high = extreme_eigenvalues(
             product, g_bar, steps=LANCZOS_STEPS, seed=reader.seed(trial)
         )
         damping = auto_damping(low, high)
     s, report = conjugate_gradient(
-        product, g_bar, damping=float(damping), tol=tol, max_iter=max_iter
+        product, g_bar, damping=float(damping), tol=settings.tol, max_iter=settings.max_iter
     )
     s_norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in s))
     candidates = view.candidates
@@ -382,32 +422,17 @@ def influence_terms(
 
 def influence(
     reader: RunReader,
-    *,
-    damping: float | str = "auto",
-    curvature: str = "hessian",
-    tol: float = 1e-4,
-    max_iter: int = 200,
-    eval_samples: int | None = None,
-    hessian_samples: int | None = None,
-    at: str = "next",
+    settings: InfluenceSettings = InfluenceSettings(),
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Table 2 and Fig. 3 per gradnorm strategy, trial and selecting cycle c (whose T^(c+1)
     exists, for ``at="next"``): the overlap of the top-K candidates by Eq. 3 (true labels, at the
-    model ``at`` names, see :func:`influence_terms`) with the top-K by Eq. 5 (the
+    model ``settings.at`` names, see :func:`influence_terms`) with the top-K by Eq. 5 (the
     scheme's score at T^c, i.e. its selection), chance level K^2/M, the Spearman correlation of
     Eq. 3 with Eq. 5, the four terms of :func:`influence_terms` averaged over the candidates, and
     how the conjugate-gradient solve ended."""
     reader.require_models()
-    if damping != "auto" and not (isinstance(damping, (int, float)) and damping >= 0):
-        raise ConfigError(f"damping must be 'auto' or a number >= 0, got {damping!r}")
-    if curvature not in CURVATURES:
-        raise ConfigError(f"unknown curvature {curvature!r}; use one of {', '.join(CURVATURES)}")
-    if tol <= 0 or max_iter < 1:
-        raise ConfigError("cg-tol must be > 0 and cg-max-iter >= 1")
-    for name, value in (("eval-samples", eval_samples), ("hessian-samples", hessian_samples)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{name} must be at least 1, got {value}")
+    settings.check()
     schemes = [s for s in reader.strategies if hasattr(reader.strategy(s), "scheme")]
     if not schemes:
         raise RunDirectoryError(
@@ -418,23 +443,11 @@ def influence(
     for strategy in schemes:
         for trial in reader.trials(strategy):
             views = reader.cycles(strategy, trial)
-            for view in views[: len(views) - 1] if at == "next" else views:
+            for view in views[: len(views) - 1] if settings.at == "next" else views:
                 if view.selected is None:
                     continue
                 _progress(log, f"influence {strategy} t{trial} c{view.cycle}")
-                t = influence_terms(
-                    reader,
-                    strategy,
-                    trial,
-                    view.cycle,
-                    damping=damping,
-                    curvature=curvature,
-                    tol=tol,
-                    max_iter=max_iter,
-                    eval_samples=eval_samples,
-                    hessian_samples=hessian_samples,
-                    at=at,
-                )
+                t = influence_terms(reader, strategy, trial, view.cycle, settings)
                 k, m = len(view.selected), len(view.candidates)
                 best = top_k(t["target"], view.candidates, k)
                 report = t["report"]
@@ -453,8 +466,8 @@ def influence(
                         "s_norm": t["s_norm"],
                         "eval_samples": t["eval_samples"],
                         "hessian_samples": t["hessian_samples"],
-                        "model": "T^(c+1)" if at == "next" else "T^c",
-                        "curvature": curvature,
+                        "model": settings.model,
+                        "curvature": settings.curvature,
                         "damping": t["damping"],
                         "lambda_min": t["lambda_min"],
                         "lambda_max": t["lambda_max"],
@@ -506,28 +519,12 @@ def plot_influence_terms(summary: list[dict[str, Any]], path: Path) -> None:
 def write_influence(
     reader: RunReader,
     out_dir: Path | None = None,
-    *,
-    damping: float | str = "auto",
-    curvature: str = "hessian",
-    tol: float = 1e-4,
-    max_iter: int = 200,
-    eval_samples: int | None = None,
-    hessian_samples: int | None = None,
-    at: str = "next",
+    settings: InfluenceSettings = InfluenceSettings(),
     log: Callable[[str], None] | None = None,
 ) -> str:
     """Write analysis/influence.{md,csv} and influence_terms.png; return the markdown."""
-    records = influence(
-        reader,
-        damping=damping,
-        curvature=curvature,
-        tol=tol,
-        max_iter=max_iter,
-        eval_samples=eval_samples,
-        hessian_samples=hessian_samples,
-        at=at,
-        log=log,
-    )
+    records = influence(reader, settings, log)
+    curvature, tol, max_iter = settings.curvature, settings.tol, settings.max_iter
     summary = _summarise(
         records,
         ("overlap", "spearman", *TERMS),
@@ -538,7 +535,7 @@ def write_influence(
     iterations = [r["cg_iterations"] for r in records]
     used = [r["damping"] for r in records]
     how = f"{min(used):.3g}" if min(used) == max(used) else f"{min(used):.3g}–{max(used):.3g}"
-    if damping == "auto":
+    if settings.damping == "auto":
         lows = [r["lambda_min"] for r in records]
         how += (
             f" (auto: Lanczos estimates of λ_min from {min(lows):.3g} to {max(lows):.3g}, "
@@ -561,7 +558,7 @@ def write_influence(
             f"{len(unconverged) - negatives - capped} stalled at the precision of the model's "
             "dtype (raise --cg-tol); their rows are in the CSV."
         )
-    m = "T^(c+1)" if at == "next" else "T^c"
+    m = settings.model
     md = (
         "# Eq. 3's influence against the gradient norm (Table 2, Fig. 3)\n\n"
         "Per cycle c, over the candidates x that each scheme scored: Eq. 3's influence term "
