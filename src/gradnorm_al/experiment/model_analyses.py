@@ -399,14 +399,15 @@ def influence_terms(
     def norms(net: nn.Module, norm: str) -> np.ndarray:
         return gradnorm_scores(net, data, scheme=scheme, norm=norm, batch_size=batch).numpy()
 
-    selecting = reader.model(strategy, trial, view.cycle)
+    selecting = model if base is view else reader.model(strategy, trial, view.cycle)
     at_selection = norms(selecting, "l2")
+    at_model = at_selection if base is view else norms(model, "l2")
     return {
         "candidates": candidates,
         "selected": view.selected,
         "target": along_s(None),  # CE with the candidates' true labels
         "approx1": along_s(lambda logits, _targets: loss(logits)),
-        "approx2": s_norm * norms(model, "l2"),
+        "approx2": s_norm * at_model,
         "approx3": s_norm * at_selection,
         "eq5": at_selection if config.norm == "l2" else norms(selecting, config.norm),
         "s": s,
