@@ -93,6 +93,15 @@ LAYER_CASES = {
         ),
         (6, 5, 5),
     ),
+    "conv2d-kernel-rows": (  # channels-last, stride 1 along the height: kernel-row im2col
+        lambda: nn.Sequential(
+            nn.Conv2d(6, 5, (3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 2)),
+            nn.BatchNorm2d(5),
+            nn.Tanh(),
+            nn.Conv2d(5, 3, 3, padding=1),
+        ),
+        (6, 6, 7),
+    ),
     "conv2d-dilated-grouped": (
         lambda: nn.Conv2d(4, 6, (3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 1), groups=2),
         (4, 6, 6),

@@ -60,6 +60,9 @@ def reduce_squared_norms(squared: torch.Tensor, norm: str) -> torch.Tensor:
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put every submodule in eval mode and restore each one's own mode afterwards."""
     modes = [(m, m.training) for m in model.modules()]
+    if not any(mode for _, mode in modes):  # already in eval mode: nothing to change
+        yield model
+        return
     model.eval()
     try:
         yield model

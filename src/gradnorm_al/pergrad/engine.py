@@ -26,13 +26,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.func import functional_call, vjp, vmap
 
 from .common import LossFn, check_norm, eval_mode, first_output, reduce_squared_norms
 from .functional import per_sample_grad_norms_functional
-from .layers import Rule, rule_for, squared_norms
+from .layers import Rule, batchnorm_backward, batchnorm_rule, rule_for, squared_norms
 
 #: fraction of the device's free memory one chunk may use when no chunk size is given
 MEMORY_FRACTION = 0.25
@@ -45,6 +46,29 @@ class FallbackWarning(UserWarning):
 
 class _NeedsWholeModelFallback(Exception):
     pass
+
+
+class _FusedBatchNorm(torch.autograd.Function):
+    """An eval-mode BatchNorm whose backward hands the engine the per-sample squared norms of the
+    module's weight and bias gradients together with the input gradient, from one batch-norm
+    backward (the batch folded into the channels), instead of a backward for the input gradient
+    and a second pass over the same tensors for the rule. The forward is the module's own
+    computation, so the output is bit-identical."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, module, deliver):
+        ctx.save_for_backward(x)
+        ctx.module, ctx.deliver = module, deliver
+        return F.batch_norm(
+            x, module.running_mean, module.running_var, weight, bias, False, 0.0, module.eps
+        )
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        grad_in, result = batchnorm_backward(ctx.module, x, grad, ctx.needs_input_grad[0])
+        ctx.deliver(result)
+        return grad_in, None, None, None, None
 
 
 @dataclass
@@ -62,7 +86,9 @@ class _Call:
 
 
 def _owned(module: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+    # the module's own parameters (what named_parameters(recurse=False) yields, read directly:
+    # this runs for every module on every call)
+    return {n: p for n, p in module._parameters.items() if p is not None and p.requires_grad}
 
 
 def _reached_parameters(
@@ -91,15 +117,18 @@ def _reached_parameters(
 class _Engine:
     def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
         self.model, self.loss_fn = model, loss_fn
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.params = [p for n, p in model.named_parameters() if p.requires_grad]
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in trainable]
+        self.params = [p for _, p in trainable]
         self.column = {id(p): i for i, p in enumerate(self.params)}
         self.hooked: dict[nn.Module, Rule | None] = {}
+        self.owned: dict[nn.Module, dict[str, nn.Parameter]] = {}
         owners: dict[int, int] = {}
         for module in model.modules():
             owned = _owned(module)
             if owned:
                 self.hooked[module] = rule_for(module)
+                self.owned[module] = owned
                 for p in owned.values():
                     owners[id(p)] = owners.get(id(p), 0) + 1
         self.tied = any(count > 1 for count in owners.values())
@@ -110,6 +139,9 @@ class _Engine:
         self.fallback_types = sorted(
             {type(m).__name__ for m, r in self.hooked.items() if r is None}
         )
+        # eval-mode BatchNorms whose backward the engine runs itself (see _FusedBatchNorm)
+        self.fusable = [m for m, r in self.hooked.items() if r is batchnorm_rule]
+        self.fused: set[nn.Module] = set()
         self.active = False
         self.calls: dict[nn.Module, _Call] = {}
         self.reused = False
@@ -130,6 +162,8 @@ class _Engine:
         if not isinstance(outputs, (tuple, list)):
             raise _NeedsWholeModelFallback(f"{type(module).__name__} returns {type(output)}")
         call.n_outputs = len(outputs)
+        if module in self.fused:
+            return None  # its backward delivers the result itself
         root = not any(a.requires_grad for a in tensor_args)
         for i, out in enumerate(outputs):
             if not (isinstance(out, torch.Tensor) and out.requires_grad):
@@ -152,8 +186,32 @@ class _Engine:
         if call.rule is not None:
             # compute at once and drop the gradient: memory stays at one layer's worth
             call.result = self._apply_rule(call, grad)
+            call.args, call.kwargs = (), {}  # the input is no longer needed: free it now
         else:
             call.out_grads[index] = grad.detach()
+
+    def _fused_forward(self, module: nn.modules.batchnorm._BatchNorm) -> Callable:
+        stock = type(module).forward
+
+        def deliver(result: dict[str, torch.Tensor]) -> None:
+            call = self.calls[module]
+            call.result, call.args, call.kwargs = result, (), {}
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            # only where the input gradient is needed anyway (a first layer keeps the plain path)
+            if (
+                not self.active
+                or module in self.calls
+                or module.training
+                or not x.requires_grad
+                or x.dtype not in (torch.float32, torch.float64)
+            ):
+                return stock(module, x)
+            module._check_input_dim(x)
+            self.fused.add(module)
+            return _FusedBatchNorm.apply(x, module.weight, module.bias, module, deliver)
+
+        return forward
 
     # ------------------------------------------------------------------ per-layer work
     def _check_unmodified(self, call: _Call) -> None:
@@ -175,7 +233,7 @@ class _Engine:
         """Exact per-sample gradients of one module's own parameters: vmap over samples of the
         vector-Jacobian product of the module (its children run with their current weights)."""
         self._check_unmodified(call)
-        module, owned = call.module, _owned(call.module)
+        module, owned = call.module, self.owned[call.module]
         if not call.out_grads:
             return {}
         args = [a.detach() if isinstance(a, torch.Tensor) else a for a in call.args]
@@ -209,11 +267,13 @@ class _Engine:
             raise _NeedsWholeModelFallback(
                 "tied parameters" if self.tied else "BatchNorm without running statistics"
             )
-        self.calls, self.roots, self.reused = {}, [], False
+        self.calls, self.roots, self.reused, self.fused = {}, [], False, set()
         handles = [
             m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self.hooked
         ]
         try:
+            for module in self.fusable:
+                module.forward = self._fused_forward(module)
             self.active = True
             # the input itself does not require grad: the backward ends at the output edges of
             # the first modules, so no gradient w.r.t. the raw input is ever computed
@@ -239,7 +299,7 @@ class _Engine:
             covered: set[int] = set()
             for module, call in self.calls.items():
                 result = call.result if call.rule is not None else self._apply_fallback(call)
-                for name, p in _owned(module).items():
+                for name, p in self.owned[module].items():
                     if id(p) not in edges:
                         continue
                     if call.rule is not None and edges[id(p)] != 1:
@@ -264,7 +324,9 @@ class _Engine:
             self.active = False
             for h in handles:
                 h.remove()
-            self.calls = {}
+            for module in self.fusable:
+                vars(module).pop("forward", None)
+            self.calls, self.fused = {}, set()
 
 
 def _auto_chunk(x: torch.Tensor, n_params: int) -> int:

@@ -222,53 +222,61 @@ def _shifted_window_sq_norms(a: torch.Tensor, g: torch.Tensor, module, padding) 
 
 def _padded_gram_sq_norms(a: torch.Tensor, g: torch.Tensor, module, padding) -> torch.Tensor:
     """float64 [N] squared norms of per-sample 2-D convolution weight gradients (groups=1) by the
-    ghost norm without im2col. With A_o the window of offset o and G the wide output gradient,
+    ghost norm without im2col. With A_o the window of offset o and G the output gradient,
     ||sum_o ...||^2 = sum_o <A_o A_o^T, G^T G>, and every A_o A_o^T is a shifted diagonal block of
     the Gram matrix P of the padded input's positions: P costs (positions)^2 x C_in instead of
-    (positions)^2 x C_in x kernel area, and the offsets only add up blocks of it."""
-    n, ho = a.shape[0], g.shape[2]
+    (positions)^2 x C_in x kernel area, and the offsets only add up blocks of it. The blocks are
+    taken over "wide" output rows (every column of the phase, so that an offset is a plain shift)
+    and only their entries at real output positions meet G^T G."""
+    n, c_out, ho, wo = g.shape
+    g_flat = g.reshape(n, c_out, ho * wo)
+    gram_g = torch.bmm(g_flat.transpose(1, 2), g_flat).view(n, ho, wo, ho, wo)
     total = torch.zeros(n, dtype=torch.float64, device=a.device)
-    grams: dict[int, torch.Tensor] = {}
     for flat, width, starts in _phases(a, module, padding):
         length = ho * width
         lo, hi = min(starts), max(starts) + length
         span = flat[:, lo:hi]
         p = torch.bmm(span, span.transpose(1, 2))
-        if width not in grams:
-            g_wide = _wide(g, width)
-            grams[width] = torch.bmm(g_wide.transpose(1, 2), g_wide).reshape(n, -1)
         blocks = None
         for start in starts:
             block = p[:, start - lo : start - lo + length, start - lo : start - lo + length]
             blocks = block.clone() if blocks is None else blocks.add_(block)
-        total += torch.linalg.vecdot(blocks.reshape(n, -1), grams[width]).double()
+        real = blocks.view(n, ho, width, ho, width)[:, :, :wo, :, :wo]
+        total += torch.mul(real, gram_g).view(n, -1).sum(dim=1).double()
     return total
 
 
 def _padded_gram_cost(a: torch.Tensor, g: torch.Tensor, module, padding) -> float:
     """Multiply-adds per sample of :func:`_padded_gram_sq_norms`, strided adds weighted."""
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-    c_in, c_out, ho = a.shape[1], g.shape[1], g.shape[2]
+    c_in, c_out, ho, wo = a.shape[1], g.shape[1], g.shape[2], g.shape[3]
     rows, cols = a.shape[2] + 2 * padding[0], a.shape[3] + 2 * padding[1]
     phases = {((i * dh) % sh, (j * dw) % sw) for i in range(kh) for j in range(kw)}
     width = -(-cols // sw)
-    length = ho * width
+    wide = ho * width
     span = min(-(-rows // sh) + 1, ho + (kh - 1) * dh // sh + 1) * width
-    return len(phases) * span * span * c_in + length * length * (c_out + STRIDED_ADD_COST * kh * kw)
+    return (
+        len(phases) * span * span * c_in
+        + (ho * wo) ** 2 * c_out
+        + wide * wide * STRIDED_ADD_COST * kh * kw
+    )
 
 
 def _im2col_sq_norms(a: torch.Tensor, g: torch.Tensor, module, padding) -> torch.Tensor:
     """float64 [N] squared norms of per-sample 2-D convolution weight gradients (groups=1) with an
-    explicit im2col built by one strided copy, and one batched product g_n [C_out, L] @ cols_n.
-    The copy runs along its longest contiguous axis: channels (channels-last [N, L, D]) when
-    there are more channels than output columns and the kernel has more than one tap (so that the
-    channels-last copy of the input is small next to the im2col), output columns ([N, D, L])
-    otherwise."""
+    explicit im2col built by one strided copy, and batched products g_n [C_out, L] @ cols_n.
+    The copy runs along its longest contiguous axis: channels (channels-last) when there are more
+    channels than output columns and the kernel has more than one tap (so that the channels-last
+    copy of the input is small next to the im2col), output columns ([N, D, L]) otherwise.
+    Channels last with stride 1 along the height, only the kernel's columns are unrolled (see
+    :func:`_kernel_row_sq_norms`)."""
     n, c_in = a.shape[:2]
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
     ho, wo = g.shape[2:]
     g_flat = g.reshape(n, g.shape[1], -1)
     if c_in >= wo and kh * kw > 1:
+        if sh == 1 and kh > 1:
+            return _kernel_row_sq_norms(a, g_flat, module, padding, wo)
         # blocks of samples bound the memory of the im2col rows and per-sample gradients
         per_sample = (ho * wo + g.shape[1]) * kh * kw * c_in * a.element_size()
         total = []
@@ -286,7 +294,33 @@ def _im2col_sq_norms(a: torch.Tensor, g: torch.Tensor, module, padding) -> torch
     cols = padded.as_strided(
         (n, c_in, kh, kw, ho, wo), (s_n, s_c, dh * s_h, dw * s_w, sh * s_h, sw * s_w)
     ).reshape(n, c_in * kh * kw, ho * wo)
-    return squared_norms(torch.bmm(g_flat, cols.transpose(1, 2)))
+    return squared_norms(torch.bmm(cols, g_flat.transpose(1, 2)))  # faster than g @ cols^T
+
+
+def _kernel_row_sq_norms(a: torch.Tensor, g_flat: torch.Tensor, module, padding, wo: int):
+    """The channels-last im2col for stride 1 along the height, unrolling only the kernel's
+    columns: rows[n, h * wo + w] = (input columns w * s_w + j * d_w, j < k_w, of padded row h,
+    all channels). The im2col of kernel row i is then the block of ho * wo consecutive rows
+    starting at row i * d_h * wo, a plain matrix: k_h products per sample read it in place, and
+    the copy is k_h times smaller than a full im2col."""
+    n, c_in = a.shape[:2]
+    (kh, kw), (_, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    c_out, length = g_flat.shape[1:]
+    hp = a.shape[2] + 2 * padding[0]
+    per_sample = (hp * wo + kh * c_out) * kw * c_in * a.element_size()
+    total = []
+    for block in _sample_blocks(n, per_sample):
+        padded = _padded_channels_last(a[block], padding)  # [B, Hp, Wp, C]
+        b = padded.shape[0]
+        s_n, s_h, s_w, s_c = padded.stride()
+        rows = padded.as_strided((b, hp, wo, kw, c_in), (s_n, s_h, sw * s_w, dw * s_w, s_c))
+        rows = rows.reshape(b, hp * wo, kw * c_in)
+        grads = g_flat.new_empty(kh, b, c_out, kw * c_in)
+        for i in range(kh):
+            start = i * dh * wo
+            torch.bmm(g_flat[block], rows[:, start : start + length], out=grads[i])
+        total.append(squared_norms(grads.view(kh * b, -1)).view(kh, b).sum(dim=0))
+    return torch.cat(total)
 
 
 def conv_rule(module: nn.modules.conv._ConvNd, a: torch.Tensor, g: torch.Tensor) -> SquaredNorms:
@@ -365,10 +399,20 @@ def _affine_rule(module: nn.Module, x_hat: torch.Tensor, g: torch.Tensor, dims) 
 def batchnorm_rule(module: nn.modules.batchnorm._BatchNorm, a, g) -> SquaredNorms:
     """Eval-mode BatchNorm: per-sample, per-channel sums over positions of g * x_hat (weight) and
     g (bias), in one fused batch-norm backward with the batch folded into the channels."""
+    return batchnorm_backward(module, a, g, input_grad=False)[1]
+
+
+def batchnorm_backward(
+    module: nn.modules.batchnorm._BatchNorm, a, g, input_grad: bool
+) -> tuple[torch.Tensor | None, SquaredNorms]:
+    """The input gradient of an eval-mode BatchNorm (when ``input_grad``) and the per-sample
+    squared norms of its weight and bias gradients, from one batch-norm backward in which the
+    batch is folded into the channels: sample n's channels are channels of their own, so the
+    kernel's per-channel sums are per-sample sums."""
     n, c = a.shape[:2]
     folded = (1, n * c, *a.shape[2:]) if a.dim() > 2 else (1, n * c)
     weight = module.weight.detach().to(a.dtype).repeat(n) if module.weight is not None else None
-    _, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+    grad_in, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
         g.reshape(folded),
         a.reshape(folded),
         weight,
@@ -378,9 +422,9 @@ def batchnorm_rule(module: nn.modules.batchnorm._BatchNorm, a, g) -> SquaredNorm
         None,
         False,
         module.eps,
-        [False, True, True],
+        [input_grad, True, True],
     )
-    return _weight_and_bias(
+    return (grad_in.view(a.shape) if input_grad else None), _weight_and_bias(
         squared_norms(grad_w.view(n, c)) if _wants(module, "weight") else None,
         squared_norms(grad_b.view(n, c)) if _wants(module, "bias") else None,
     )
@@ -431,6 +475,8 @@ def rule_for(module: nn.Module) -> Rule | None:
         (nn.GroupNorm, groupnorm_rule),
         (nn.Embedding, embedding_rule),
     ]
+    if "forward" in vars(module):  # an instance-level forward: the rules cannot know it
+        return None
     for base, rule in table:
         if isinstance(module, base):
             own_forward = type(module).forward
