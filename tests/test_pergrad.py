@@ -347,6 +347,46 @@ def test_chunking_is_invisible_and_bounds_the_batch():
     assert per_sample_grad_norms(model, x[:0], entropy_loss).shape == (0,)
 
 
+def test_batchnorm_backward_is_fused_except_for_a_first_layer(monkeypatch):
+    """A BatchNorm whose input needs a gradient runs the engine's fused backward (input gradient
+    and per-sample sums from one call); a first-layer BatchNorm (its input needs none) and one
+    with a frozen weight keep exact results; the module's own forward is back afterwards."""
+    from gradnorm_al.pergrad import engine
+
+    fused = []
+    backward = engine._FusedBatchNorm.backward
+
+    def spy(ctx, grad):
+        fused.append(ctx.module)
+        return backward(ctx, grad)
+
+    monkeypatch.setattr(engine._FusedBatchNorm, "backward", staticmethod(spy))
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.BatchNorm2d(2),  # first layer: plain path
+        nn.Conv2d(2, 3, 3, bias=False),
+        nn.BatchNorm2d(3),  # fused
+        nn.ReLU(inplace=True),
+        nn.Conv2d(3, 4, 2),
+        nn.BatchNorm2d(4),  # fused, weight frozen
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 5),
+    ).double()
+    randomise_bn(model)
+    model[5].weight.requires_grad_(False)
+    _assert_exact(model, torch.randn(6, 2, 6, 6, dtype=torch.float64))
+    assert fused and set(fused) == {model[2], model[5]}
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_an_instance_level_forward_gets_the_exact_fallback():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    patched = model[2]
+    patched.forward = lambda x: F.linear(2.0 * x, patched.weight, patched.bias)
+    _assert_exact(model, torch.randn(5, 4, dtype=torch.float64), warn=True)
+
+
 def test_model_is_restored_even_when_the_loss_fails():
     torch.manual_seed(0)
     model = randomise_bn(create_model("smallcnn", num_classes=10, in_channels=1))
