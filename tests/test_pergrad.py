@@ -140,6 +140,12 @@ LAYER_CASES = {
         ),
         (2, 6, 6),
     ),
+    "batchnorm2d-one-channel-one-pixel": (  # a [N, 1, 1, 1] BatchNorm (found by hypothesis)
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 1, 3, dilation=2, bias=False), nn.BatchNorm2d(1), nn.Tanh()
+        ),
+        (1, 5, 5),
+    ),
     "batchnorm3d": (
         lambda: nn.Sequential(nn.Conv3d(1, 2, 2), nn.BatchNorm3d(2), nn.Tanh()),
         (1, 3, 3, 3),

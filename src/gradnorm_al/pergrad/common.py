@@ -57,9 +57,9 @@ def reduce_squared_norms(squared: torch.Tensor, norm: str) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+def eval_mode(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[nn.Module]:
     """Put every submodule in eval mode and restore each one's own mode afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
+    modes = [(m, m.training) for m in (model.modules() if modules is None else modules)]
     if not any(mode for _, mode in modes):  # already in eval mode: nothing to change
         yield model
         return

@@ -117,20 +117,29 @@ def _reached_parameters(
 class _Engine:
     def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
         self.model, self.loss_fn = model, loss_fn
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.names = [n for n, _ in trainable]
-        self.params = [p for _, p in trainable]
-        self.column = {id(p): i for i, p in enumerate(self.params)}
+        # one walk over the modules (this runs on every call): the trainable parameters in
+        # model.named_parameters() order (shared ones once), and each module's own trainable ones
+        self.modules: list[nn.Module] = []
+        self.names: list[str] = []
+        self.params: list[nn.Parameter] = []
         self.hooked: dict[nn.Module, Rule | None] = {}
         self.owned: dict[nn.Module, dict[str, nn.Parameter]] = {}
         owners: dict[int, int] = {}
-        for module in model.modules():
-            owned = _owned(module)
+        for prefix, module in model.named_modules():
+            self.modules.append(module)
+            owned = {}
+            for name, p in module._parameters.items():
+                if p is None or not p.requires_grad:
+                    continue
+                owned[name] = p
+                owners[id(p)] = owners.get(id(p), 0) + 1
+                if owners[id(p)] == 1:
+                    self.names.append(f"{prefix}.{name}" if prefix else name)
+                    self.params.append(p)
             if owned:
                 self.hooked[module] = rule_for(module)
                 self.owned[module] = owned
-                for p in owned.values():
-                    owners[id(p)] = owners.get(id(p), 0) + 1
+        self.column = {id(p): i for i, p in enumerate(self.params)}
         self.tied = any(count > 1 for count in owners.values())
         self.no_running_stats = any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
@@ -293,10 +302,7 @@ class _Engine:
                     if grad is not None:
                         self._receive(call, index, grad)
             self.active = False
-            squared = torch.zeros(
-                x.shape[0], len(self.params), dtype=torch.float64, device=x.device
-            )
-            covered: set[int] = set()
+            columns: dict[int, torch.Tensor] = {}
             for module, call in self.calls.items():
                 result = call.result if call.rule is not None else self._apply_fallback(call)
                 for name, p in self.owned[module].items():
@@ -310,16 +316,18 @@ class _Engine:
                         raise _NeedsWholeModelFallback(
                             f"no gradient reached the output of {type(module).__name__}"
                         )
-                    squared[:, self.column[id(p)]] = result[name]
-                    covered.add(id(p))
+                    columns[self.column[id(p)]] = result[name]
             missing = [
                 n
-                for n, p in zip(self.names, self.params)
-                if id(p) in edges and id(p) not in covered
+                for i, (n, p) in enumerate(zip(self.names, self.params))
+                if id(p) in edges and i not in columns
             ]
             if missing:
                 raise _NeedsWholeModelFallback(f"parameters used outside their module: {missing}")
-            return squared
+            zeros = None
+            if len(columns) < len(self.params):
+                zeros = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+            return torch.stack([columns.get(i, zeros) for i in range(len(self.params))], dim=1)
         finally:
             self.active = False
             for h in handles:
@@ -383,7 +391,7 @@ def per_sample_grad_norms(
             stacklevel=2,
         )
     rows = []
-    with eval_mode(model):
+    with eval_mode(model, engine.modules):
         for start in range(0, n, chunk_size):
             x = inputs[start : start + chunk_size]
             try:

@@ -411,13 +411,17 @@ def batchnorm_backward(
     kernel's per-channel sums are per-sample sums."""
     n, c = a.shape[:2]
     folded = (1, n * c, *a.shape[2:]) if a.dim() > 2 else (1, n * c)
-    weight = module.weight.detach().to(a.dtype).repeat(n) if module.weight is not None else None
+    # weight (ones without one), mean and variance, repeated for every sample in one copy (the
+    # kernel reads them as contiguous: an expanded, zero-stride view would be read wrongly)
+    stats = [module.running_mean, module.running_var]
+    stats.insert(0, module.weight.detach() if module.weight is not None else stats[0].new_ones(c))
+    weight, mean, var = torch.stack(stats).to(a.dtype).repeat(1, n)
     grad_in, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
         g.reshape(folded),
         a.reshape(folded),
         weight,
-        module.running_mean.to(a.dtype).repeat(n),
-        module.running_var.to(a.dtype).repeat(n),
+        mean,
+        var,
         None,
         None,
         False,
