@@ -18,8 +18,10 @@ randomised a little, eval mode, float32) and the same random-normal inputs (1x28
     in eval mode on the same batches, grads zeroed (set to None) between batches: what one
     training step costs.
 
-The methods are interleaved: one warm-up round of a, b, c, then ``R`` rounds of a, b, c, so that
-machine noise hits all three alike; each method's time is the median over its ``R`` rounds. Before
+The methods are interleaved: one warm-up round of a, b, c, then ``R`` rounds (default 6) whose
+order rotates (a, b, c / b, c, a / c, a, b / ...), so that machine noise and whatever one method
+leaves behind for the next (caches, the allocator's heap) hit all three alike; each method's
+time is the median over its ``R`` rounds. Before
 timing, engine and loop are compared on the loop's subset; the script exits with status 1 when the
 median relative difference exceeds 1e-3, so a broken engine cannot post a fast number silently.
 
@@ -87,7 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="batch size / engine chunk size (default: 64 CPU, 256 CUDA)",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up")
+    parser.add_argument(
+        "--repeats", type=int, default=6, help="timed rounds after one warm-up (order rotates)"
+    )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's own)"
     )
@@ -176,10 +180,12 @@ def make_methods(model: nn.Module, x: torch.Tensor, batch_size: int, loop_n: int
 
 
 def benchmark(methods: list[Method], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per method over ``repeats`` interleaved rounds, after one warm-up round."""
+    """Median seconds per method over ``repeats`` interleaved rounds, after one warm-up round;
+    round r runs the methods in the order rotated by r (no method always follows the same one)."""
     times: dict[str, list[float]] = {m.name: [] for m in methods}
     for round_ in range(repeats + 1):
-        for method in methods:
+        shift = (round_ - 1) % len(methods) if round_ > 0 else 0
+        for method in methods[shift:] + methods[:shift]:
             seconds = timed(method.run, device)
             if round_ > 0:
                 times[method.name].append(seconds)
