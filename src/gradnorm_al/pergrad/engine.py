@@ -127,11 +127,8 @@ class _Engine:
         owners: dict[int, int] = {}
         for prefix, module in model.named_modules():
             self.modules.append(module)
-            owned = {}
-            for name, p in module._parameters.items():
-                if p is None or not p.requires_grad:
-                    continue
-                owned[name] = p
+            owned = _owned(module)
+            for name, p in owned.items():
                 owners[id(p)] = owners.get(id(p), 0) + 1
                 if owners[id(p)] == 1:
                     self.names.append(f"{prefix}.{name}" if prefix else name)
