@@ -385,6 +385,89 @@ def test_batchnorm_backward_is_fused_except_for_a_first_layer(monkeypatch):
     assert all("forward" not in vars(m) for m in model.modules())
 
 
+FIRST_LAYER_CASES = {
+    # a first-layer convolution read only by a BatchNorm: its rule takes the BatchNorm's output
+    # gradient and the per-channel scale (every route of conv_rule)
+    "conv2d-bias-channels-first": (nn.Conv2d(2, 4, 3, padding=1), (2, 6, 6)),
+    "conv2d-channels-last": (nn.Conv2d(5, 3, 3, stride=2), (5, 5, 5)),
+    "conv2d-kernel-rows": (nn.Conv2d(6, 3, (3, 2), padding=1, dilation=(2, 1)), (6, 5, 4)),
+    "conv2d-grouped": (nn.Conv2d(4, 6, 3, groups=2), (4, 5, 5)),
+    "conv-transpose2d-grouped": (nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2), (4, 3, 3)),
+    "conv1d": (nn.Conv1d(3, 4, 3, padding=1), (3, 7)),
+    "conv3d": (nn.Conv3d(2, 3, 2), (2, 3, 4, 4)),
+}
+
+
+def _spy_batchnorm_input_grads(monkeypatch) -> list[tuple[int, bool]]:
+    """(channels, input gradient asked for) of every fused BatchNorm backward."""
+    from gradnorm_al.pergrad import engine
+
+    seen = []
+    backward = engine.batchnorm_backward
+
+    def spy(module, a, g, input_grad):
+        seen.append((module.num_features, input_grad))
+        return backward(module, a, g, input_grad)
+
+    monkeypatch.setattr(engine, "batchnorm_backward", spy)
+    return seen
+
+
+@pytest.mark.parametrize("case", sorted(FIRST_LAYER_CASES))
+@pytest.mark.parametrize("method", [None, "ghost", "materialize", "im2col", "grouped"])
+def test_a_first_layer_convolution_takes_the_gradient_of_the_batchnorm_it_feeds(
+    case, method, monkeypatch
+):
+    """No input gradient is formed for a BatchNorm whose input is a first-layer convolution's
+    output read by nothing else; the convolution's norms stay exact on every route."""
+    monkeypatch.setattr(layer_rules, "FORCE_METHOD", method)
+    seen = _spy_batchnorm_input_grads(monkeypatch)
+    conv, shape = FIRST_LAYER_CASES[case]
+    channels = conv.out_channels
+    norm = {3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(shape) + 1](channels)
+    model, x = _net(nn.Sequential(copy.deepcopy(conv), norm, nn.Tanh()), shape)
+    _assert_exact(model, x)
+    assert seen and set(seen) == {(channels, False)}
+
+
+def test_a_first_layer_convolution_before_a_batchnorm_with_a_frozen_weight(monkeypatch):
+    seen = _spy_batchnorm_input_grads(monkeypatch)
+    model, x = _net(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Tanh()), (2, 5, 5))
+    model.body[1].weight.requires_grad_(False)
+    _assert_exact(model, x)
+    assert seen == [(3, False)] * len(NORMS)
+
+
+class ConvReadTwice(nn.Module):
+    """The first convolution's output is read by its BatchNorm and by something else."""
+
+    def __init__(self, other: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.bn2 = nn.BatchNorm2d(3)
+        self.other = other
+
+    def forward(self, x):
+        h = self.conv(x)
+        if self.other == "inplace-relu":  # the BatchNorm reads the ReLU's output
+            return self.bn(F.relu(h, inplace=True)).tanh()
+        y = self.bn(h).tanh()
+        if self.other == "residual":
+            return y + h[:, :1]
+        return y * self.bn2(h)  # "second-batchnorm"
+
+
+@pytest.mark.parametrize("other", ["residual", "inplace-relu", "second-batchnorm"])
+def test_a_first_layer_output_read_twice_keeps_the_batchnorm_input_gradient(other, monkeypatch):
+    seen = _spy_batchnorm_input_grads(monkeypatch)
+    torch.manual_seed(0)
+    body = randomise_bn(ConvReadTwice(other)).double()
+    model, x = _net(body, (2, 4, 4))
+    _assert_exact(model, x)
+    assert seen and all(input_grad for _, input_grad in seen)
+
+
 def test_an_instance_level_forward_gets_the_exact_fallback():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()

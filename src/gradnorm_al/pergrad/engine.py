@@ -9,7 +9,9 @@ In eval mode samples do not interact, so row n of every output gradient is sampl
 Nothing upstream of the first parameterised modules requires grad: the backward differentiates
 against the gradient edges of their outputs (taken when they are made, so that later in-place
 changes do not move them), so neither the weight nor the input gradient of a first layer is
-computed, and nothing is added to the forward pass.
+computed, and nothing is added to the forward pass. When such a first-layer convolution's output
+is read only by an eval-mode BatchNorm, not even the BatchNorm's input gradient is formed: the
+convolution's rule takes the BatchNorm's output gradient and its per-channel scale.
 
 Exactness guards. The autograd graph is walked to find every trainable parameter the loss reaches;
 each must be owned by a module that ran exactly once and whose rule covered it, and must feed the
@@ -28,12 +30,19 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.graph import get_gradient_edge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import functional_call, vjp, vmap
 
 from .common import LossFn, check_norm, eval_mode, first_output, reduce_squared_norms
 from .functional import per_sample_grad_norms_functional
-from .layers import Rule, batchnorm_backward, batchnorm_rule, rule_for, squared_norms
+from .layers import (
+    Rule,
+    batchnorm_backward,
+    batchnorm_rule,
+    conv_rule,
+    rule_for,
+    squared_norms,
+)
 
 #: fraction of the device's free memory one chunk may use when no chunk size is given
 MEMORY_FRACTION = 0.25
@@ -56,9 +65,9 @@ class _FusedBatchNorm(torch.autograd.Function):
     computation, so the output is bit-identical."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, module, deliver):
+    def forward(ctx, x, weight, bias, module, engine):
         ctx.save_for_backward(x)
-        ctx.module, ctx.deliver = module, deliver
+        ctx.module, ctx.engine = module, engine
         return F.batch_norm(
             x, module.running_mean, module.running_var, weight, bias, False, 0.0, module.eps
         )
@@ -66,8 +75,7 @@ class _FusedBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        grad_in, result = batchnorm_backward(ctx.module, x, grad, ctx.needs_input_grad[0])
-        ctx.deliver(result)
+        grad_in = ctx.engine._batchnorm_backward(ctx.module, x, grad, ctx.needs_input_grad[0])
         return grad_in, None, None, None, None
 
 
@@ -92,10 +100,12 @@ def _owned(module: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _reached_parameters(
-    root: torch.autograd.graph.Node | None,
+    root: torch.autograd.graph.Node | None, watched: dict[tuple, int]
 ) -> tuple[dict[int, int], set[torch.autograd.graph.Node]]:
     """id(leaf tensor) -> number of graph edges into its AccumulateGrad node, for every leaf that
-    requires grad and that the loss reaches; and the set of graph nodes the loss reaches."""
+    requires grad and that the loss reaches; and the set of graph nodes the loss reaches.
+    ``watched`` maps (node, output number) keys to 0 and gets the number of reached edges into
+    each (how many graph nodes read that output)."""
     edges: dict[int, int] = {}
     seen: set[torch.autograd.graph.Node] = set()
     stack = [root]
@@ -104,12 +114,14 @@ def _reached_parameters(
         if node is None or node in seen:
             continue
         seen.add(node)
-        for child, _ in node.next_functions:
+        for child, nr in node.next_functions:
             if child is None:
                 continue
             if hasattr(child, "variable"):
                 key = id(child.variable)
                 edges[key] = edges.get(key, 0) + 1
+            elif (child, nr) in watched:
+                watched[child, nr] += 1
             stack.append(child)
     return edges, seen
 
@@ -145,9 +157,13 @@ class _Engine:
         self.fallback_types = sorted(
             {type(m).__name__ for m, r in self.hooked.items() if r is None}
         )
-        # eval-mode BatchNorms whose backward the engine runs itself (see _FusedBatchNorm)
+        # eval-mode BatchNorms whose backward the engine runs itself (see _FusedBatchNorm): their
+        # input's gradient edge and their own graph node, per chunk
         self.fusable = [m for m, r in self.hooked.items() if r is batchnorm_rule]
-        self.fused: set[nn.Module] = set()
+        self.fused: dict[nn.Module, tuple[GradientEdge, torch.autograd.graph.Node]] = {}
+        # fused BatchNorms that alone read the output of a first-layer convolution: that
+        # convolution's rule runs in the BatchNorm's backward (see _batchnorm_backward)
+        self.first_layer: dict[nn.Module, _Call] = {}
         self.active = False
         self.calls: dict[nn.Module, _Call] = {}
         self.reused = False
@@ -188,20 +204,34 @@ class _Engine:
 
         return hook
 
-    def _receive(self, call: _Call, index: int, grad: torch.Tensor) -> None:
+    def _receive(self, call: _Call, index: int, grad: torch.Tensor, scale=None) -> None:
         if call.rule is not None:
             # compute at once and drop the gradient: memory stays at one layer's worth
-            call.result = self._apply_rule(call, grad)
+            call.result = self._apply_rule(call, grad, scale)
             call.args, call.kwargs = (), {}  # the input is no longer needed: free it now
         else:
             call.out_grads[index] = grad.detach()
 
+    def _batchnorm_backward(
+        self, module: nn.modules.batchnorm._BatchNorm, x, grad, input_grad: bool
+    ) -> torch.Tensor | None:
+        """The backward of a fused BatchNorm: its per-sample squared norms, and its input gradient
+        when needed. When the input is the output of a first-layer convolution read by nothing
+        else, that gradient (grad times weight / sqrt(var + eps) per channel) would only feed the
+        convolution's rule: the rule gets ``grad`` and the per-channel scale instead, the full
+        input gradient is never formed, and None goes back (no gradient flows further)."""
+        conv = self.first_layer.get(module)
+        grad_in, result = batchnorm_backward(module, x, grad, input_grad and conv is None)
+        call = self.calls[module]
+        call.result, call.args, call.kwargs = result, (), {}
+        if conv is not None:
+            # fused BatchNorms own a weight (one without affine parameters is not hooked)
+            scale = module.weight * torch.rsqrt(module.running_var + module.eps)
+            self._receive(conv, 0, grad, scale=scale.detach())
+        return grad_in
+
     def _fused_forward(self, module: nn.modules.batchnorm._BatchNorm) -> Callable:
         stock = type(module).forward
-
-        def deliver(result: dict[str, torch.Tensor]) -> None:
-            call = self.calls[module]
-            call.result, call.args, call.kwargs = result, (), {}
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             # only where the input gradient is needed anyway (a first layer keeps the plain path)
@@ -214,8 +244,9 @@ class _Engine:
             ):
                 return stock(module, x)
             module._check_input_dim(x)
-            self.fused.add(module)
-            return _FusedBatchNorm.apply(x, module.weight, module.bias, module, deliver)
+            out = _FusedBatchNorm.apply(x, module.weight, module.bias, module, self)
+            self.fused[module] = (get_gradient_edge(x), out.grad_fn)
+            return out
 
         return forward
 
@@ -227,12 +258,14 @@ class _Engine:
                 f"the input of {type(call.module).__name__} was modified in place after use"
             )
 
-    def _apply_rule(self, call: _Call, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _apply_rule(self, call: _Call, grad: torch.Tensor, scale=None) -> dict[str, torch.Tensor]:
         self._check_unmodified(call)
         a = call.args[0]
         compute = torch.float64 if grad.dtype == torch.float64 else torch.float32
         if a.is_floating_point():
             a = a.detach().to(compute)
+        if scale is not None:  # only conv_rule takes one (see _batchnorm_backward)
+            return call.rule(call.module, a, grad.detach().to(compute), scale=scale.to(compute))
         return call.rule(call.module, a, grad.detach().to(compute))
 
     def _apply_fallback(self, call: _Call) -> dict[str, torch.Tensor]:
@@ -273,7 +306,8 @@ class _Engine:
             raise _NeedsWholeModelFallback(
                 "tied parameters" if self.tied else "BatchNorm without running statistics"
             )
-        self.calls, self.roots, self.reused, self.fused = {}, [], False, set()
+        self.calls, self.roots, self.reused = {}, [], False
+        self.fused, self.first_layer = {}, {}
         handles = [
             m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self.hooked
         ]
@@ -291,8 +325,18 @@ class _Engine:
                 )
             if self.reused:
                 raise _NeedsWholeModelFallback("a module is called more than once per forward")
-            edges, nodes = _reached_parameters(loss.grad_fn)
+            readers = {(edge.node, edge.output_nr): 0 for edge, _, _ in self.roots}
+            edges, nodes = _reached_parameters(loss.grad_fn, readers)
             roots = [r for r in self.roots if r[0].node in nodes]
+            for bn, (edge, node) in self.fused.items():
+                for root_edge, call, _ in roots:
+                    if (
+                        call.rule is conv_rule
+                        and (edge.node, edge.output_nr) == (root_edge.node, root_edge.output_nr)
+                        and readers[edge.node, edge.output_nr] == 1
+                        and node in nodes
+                    ):
+                        self.first_layer[bn] = call
             if roots:
                 grads = torch.autograd.grad(loss.sum(), [r[0] for r in roots], allow_unused=True)
                 for (_, call, index), grad in zip(roots, grads):
@@ -331,7 +375,7 @@ class _Engine:
                 h.remove()
             for module in self.fusable:
                 vars(module).pop("forward", None)
-            self.calls, self.fused = {}, set()
+            self.calls, self.fused, self.first_layer = {}, {}, {}
 
 
 def _auto_chunk(x: torch.Tensor, n_params: int) -> int:

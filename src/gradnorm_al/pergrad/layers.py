@@ -262,7 +262,9 @@ def _padded_gram_cost(a: torch.Tensor, g: torch.Tensor, module, padding) -> floa
     )
 
 
-def _im2col_sq_norms(a: torch.Tensor, g: torch.Tensor, module, padding) -> torch.Tensor:
+def _im2col_sq_norms(
+    a: torch.Tensor, g: torch.Tensor, module, padding, scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """float64 [N] squared norms of per-sample 2-D convolution weight gradients (groups=1) with an
     explicit im2col built by one strided copy, and batched products g_n [C_out, L] @ cols_n.
     The copy runs along its longest contiguous axis: channels (channels-last) when there are more
@@ -276,7 +278,7 @@ def _im2col_sq_norms(a: torch.Tensor, g: torch.Tensor, module, padding) -> torch
     g_flat = g.reshape(n, g.shape[1], -1)
     if c_in >= wo and kh * kw > 1:
         if sh == 1 and kh > 1:
-            return _kernel_row_sq_norms(a, g_flat, module, padding, wo)
+            return _kernel_row_sq_norms(a, g_flat, module, padding, wo, scale)
         # blocks of samples bound the memory of the im2col rows and per-sample gradients
         per_sample = (ho * wo + g.shape[1]) * kh * kw * c_in * a.element_size()
         total = []
@@ -287,17 +289,21 @@ def _im2col_sq_norms(a: torch.Tensor, g: torch.Tensor, module, padding) -> torch
                 (padded.shape[0], ho, wo, kh, kw, c_in),
                 (s_n, sh * s_h, sw * s_w, dh * s_h, dw * s_w, s_c),
             ).reshape(-1, ho * wo, kh * kw * c_in)
-            total.append(squared_norms(torch.bmm(g_flat[block], cols)))
+            grads = torch.bmm(g_flat[block], cols)  # [B, C_out, D]
+            total.append(squared_norms(grads if scale is None else grads * scale.view(-1, 1)))
         return torch.cat(total)
     padded = F.pad(a, (padding[1], padding[1], padding[0], padding[0])).contiguous()
     s_n, s_c, s_h, s_w = padded.stride()
     cols = padded.as_strided(
         (n, c_in, kh, kw, ho, wo), (s_n, s_c, dh * s_h, dw * s_w, sh * s_h, sw * s_w)
     ).reshape(n, c_in * kh * kw, ho * wo)
-    return squared_norms(torch.bmm(cols, g_flat.transpose(1, 2)))  # faster than g @ cols^T
+    grads = torch.bmm(cols, g_flat.transpose(1, 2))  # [N, D, C_out]: faster than g @ cols^T
+    return squared_norms(grads if scale is None else grads * scale)
 
 
-def _kernel_row_sq_norms(a: torch.Tensor, g_flat: torch.Tensor, module, padding, wo: int):
+def _kernel_row_sq_norms(
+    a: torch.Tensor, g_flat: torch.Tensor, module, padding, wo: int, scale=None
+) -> torch.Tensor:
     """The channels-last im2col for stride 1 along the height, unrolling only the kernel's
     columns: rows[n, h * wo + w] = (input columns w * s_w + j * d_w, j < k_w, of padded row h,
     all channels). The im2col of kernel row i is then the block of ho * wo consecutive rows
@@ -319,11 +325,22 @@ def _kernel_row_sq_norms(a: torch.Tensor, g_flat: torch.Tensor, module, padding,
         for i in range(kh):
             start = i * dh * wo
             torch.bmm(g_flat[block], rows[:, start : start + length], out=grads[i])
+        if scale is not None:
+            grads.mul_(scale.view(-1, 1))
         total.append(squared_norms(grads.view(kh * b, -1)).view(kh, b).sum(dim=0))
     return torch.cat(total)
 
 
-def conv_rule(module: nn.modules.conv._ConvNd, a: torch.Tensor, g: torch.Tensor) -> SquaredNorms:
+def conv_rule(
+    module: nn.modules.conv._ConvNd,
+    a: torch.Tensor,
+    g: torch.Tensor,
+    scale: torch.Tensor | None = None,
+) -> SquaredNorms:
+    """``scale`` [C_out], when given: the output gradient is ``g`` with output channel c
+    multiplied by ``scale[c]`` (``g`` is then the output gradient of an eval-mode BatchNorm that
+    alone reads this layer's output). The per-sample gradients are linear in each output
+    channel's gradient, so the scale is applied to them, which are small, instead of to ``g``."""
     a, padding = _conv_input(module, a)
     weight = bias = None
     if _wants(module, "weight"):
@@ -332,44 +349,67 @@ def conv_rule(module: nn.modules.conv._ConvNd, a: torch.Tensor, g: torch.Tensor)
             conv, a2, g2, pad2 = module, a, g, padding
             if spatial == 1:  # a 1-D convolution is a 2-D one of height 1
                 conv, a2, g2, pad2 = _As2d(module), a.unsqueeze(2), g.unsqueeze(2), [0, *padding]
-            weight = _planar_conv_sq_norms(conv, a2, g2, pad2)
+            weight = _planar_conv_sq_norms(conv, a2, g2, pad2, scale)
         else:
-            weight = squared_norms(_per_sample_conv_weight_grads(module, a, g, padding))
+            grads = _per_sample_conv_weight_grads(module, a, g, padding)
+            weight = squared_norms(grads if scale is None else _scale_out(grads, module, scale))
     if _wants(module, "bias"):
-        bias = squared_norms(g.flatten(2).sum(dim=2))
+        sums = g.flatten(2).sum(dim=2)
+        bias = squared_norms(sums if scale is None else sums * scale)
     return _weight_and_bias(weight, bias)
 
 
-def _planar_conv_sq_norms(conv, a: torch.Tensor, g: torch.Tensor, padding) -> torch.Tensor:
+def _scale_out(grads: torch.Tensor, module, scale: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients [N, *weight.shape] with output channel c times scale[c]
+    (a transposed convolution's weight is [C_in, C_out / groups, ...])."""
+    n, shape = grads.shape[0], module.weight.shape
+    if not module.transposed:
+        return grads * scale.view(1, -1, *[1] * (grads.dim() - 2))
+    groups = module.groups
+    per_group = grads.view(n, groups, shape[0] // groups, shape[1], *shape[2:])
+    factor = scale.view(1, groups, 1, shape[1], *[1] * (len(shape) - 2))
+    return (per_group * factor).view(grads.shape)
+
+
+def _planar_conv_sq_norms(
+    conv, a: torch.Tensor, g: torch.Tensor, padding, scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """Weight squared norms of a 2-D, groups=1 convolution by the cheapest exact route: ghost norm
     on the padded input's Gram matrix, or materialisation through im2col (blocks of samples)
     or, when one sample's im2col alone is large, through the convolution backward with the batch
-    folded into the groups (no im2col at all)."""
+    folded into the groups (no im2col at all). ``scale``: see :func:`conv_rule` (the routes that
+    never form per-sample gradients apply it to ``g``)."""
     length = g.shape[2] * g.shape[3]
     d = conv.weight[0].numel()  # C_in x kernel area
     if FORCE_METHOD == "im2col":
-        return _im2col_sq_norms(a, g, conv, padding)
+        return _im2col_sq_norms(a, g, conv, padding, scale)
     if FORCE_METHOD == "grouped":
-        return _grouped_sq_norms(conv, a, g, padding)
+        return _grouped_sq_norms(conv, a, g, padding, scale)
     if _use_ghost(_padded_gram_cost(a, g, conv, padding), length * d * g.shape[1]):
-        return _padded_gram_sq_norms(a, g, conv, padding)
+        return _padded_gram_sq_norms(a, _scaled(g, scale), conv, padding)
     if FORCE_METHOD == "materialize":
-        return _shifted_window_sq_norms(a, g, conv, padding)
+        return _shifted_window_sq_norms(a, _scaled(g, scale), conv, padding)
     if length * d * a.element_size() > IM2COL_BYTES:
-        return _grouped_sq_norms(conv, a, g, padding)
-    return _im2col_sq_norms(a, g, conv, padding)
+        return _grouped_sq_norms(conv, a, g, padding, scale)
+    return _im2col_sq_norms(a, g, conv, padding, scale)
 
 
-def _grouped_sq_norms(conv, a: torch.Tensor, g: torch.Tensor, padding) -> torch.Tensor:
+def _scaled(g: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """g [N, C, ...] with channel c times scale[c]."""
+    return g if scale is None else g * scale.view(1, -1, *[1] * (g.dim() - 2))
+
+
+def _grouped_sq_norms(
+    conv, a: torch.Tensor, g: torch.Tensor, padding, scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """float64 [N] weight squared norms through :func:`_per_sample_conv_weight_grads`, in blocks
     of samples (bounded memory for the per-sample gradients)."""
     per_sample = (a[0].numel() + g[0].numel() + conv.weight.numel()) * a.element_size()
-    return torch.cat(
-        [
-            squared_norms(_per_sample_conv_weight_grads(conv, a[block], g[block], padding))
-            for block in _sample_blocks(a.shape[0], per_sample)
-        ]
-    )
+    total = []
+    for block in _sample_blocks(a.shape[0], per_sample):
+        grads = _per_sample_conv_weight_grads(conv, a[block], g[block], padding)
+        total.append(squared_norms(_scaled(grads, scale)))
+    return torch.cat(total)
 
 
 class _As2d:
