@@ -447,4 +447,4 @@ def per_sample_grad_norms(
                 rows.append(
                     per_sample_grad_norms_functional(model, x, loss_fn, norm="per-tensor").pow(2)
                 )
-    return reduce_squared_norms(torch.cat(rows), norm)
+    return reduce_squared_norms(rows[0] if len(rows) == 1 else torch.cat(rows), norm)

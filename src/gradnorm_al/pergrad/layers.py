@@ -455,7 +455,10 @@ def batchnorm_backward(
     # kernel reads them as contiguous: an expanded, zero-stride view would be read wrongly)
     stats = [module.running_mean, module.running_var]
     stats.insert(0, module.weight.detach() if module.weight is not None else stats[0].new_ones(c))
-    weight, mean, var = torch.stack(stats).to(a.dtype).repeat(1, n)
+    stats = torch.stack(stats)
+    if stats.dtype != a.dtype:
+        stats = stats.to(a.dtype)
+    weight, mean, var = stats.unsqueeze(1).expand(3, n, c).contiguous().view(3, n * c)
     grad_in, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
         g.reshape(folded),
         a.reshape(folded),
@@ -508,45 +511,47 @@ def embedding_rule(module: nn.Embedding, idx: torch.Tensor, g: torch.Tensor) -> 
     return {"weight": (same * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2)).double()}
 
 
+_RULES: list[tuple[type, Rule]] = [
+    (nn.Linear, linear_rule),
+    (nn.modules.conv._ConvNd, conv_rule),
+    (nn.modules.batchnorm._BatchNorm, batchnorm_rule),
+    (nn.LayerNorm, layernorm_rule),
+    (nn.GroupNorm, groupnorm_rule),
+    (nn.Embedding, embedding_rule),
+]
+# the forwards the rules know (a subclass that overrides forward may compute anything)
+_KNOWN_FORWARDS: dict[type, set] = {
+    nn.modules.conv._ConvNd: {
+        c.forward
+        for c in (
+            nn.Conv1d,
+            nn.Conv2d,
+            nn.Conv3d,
+            nn.ConvTranspose1d,
+            nn.ConvTranspose2d,
+            nn.ConvTranspose3d,
+        )
+    },
+    nn.modules.batchnorm._BatchNorm: {
+        nn.BatchNorm1d.forward,
+        nn.BatchNorm2d.forward,
+        nn.BatchNorm3d.forward,
+        nn.modules.batchnorm._BatchNorm.forward,
+    },
+}
+
+
 def rule_for(module: nn.Module) -> Rule | None:
     """The exact rule for ``module``, or None when it needs the generic fallback (an unsupported
     type, a subclass with its own forward, or BatchNorm that normalises with batch statistics)."""
-    table: list[tuple[type, Rule]] = [
-        (nn.Linear, linear_rule),
-        (nn.modules.conv._ConvNd, conv_rule),
-        (nn.modules.batchnorm._BatchNorm, batchnorm_rule),
-        (nn.LayerNorm, layernorm_rule),
-        (nn.GroupNorm, groupnorm_rule),
-        (nn.Embedding, embedding_rule),
-    ]
     if "forward" in vars(module):  # an instance-level forward: the rules cannot know it
         return None
-    for base, rule in table:
+    for base, rule in _RULES:
         if isinstance(module, base):
             own_forward = type(module).forward
-            if base is nn.modules.conv._ConvNd:
-                known = {
-                    c.forward
-                    for c in (
-                        nn.Conv1d,
-                        nn.Conv2d,
-                        nn.Conv3d,
-                        nn.ConvTranspose1d,
-                        nn.ConvTranspose2d,
-                        nn.ConvTranspose3d,
-                    )
-                }
-                if own_forward not in known:
-                    return None
-            elif base is nn.modules.batchnorm._BatchNorm:
-                if module.running_mean is None or own_forward not in {
-                    nn.BatchNorm1d.forward,
-                    nn.BatchNorm2d.forward,
-                    nn.BatchNorm3d.forward,
-                    nn.modules.batchnorm._BatchNorm.forward,
-                }:
-                    return None
-            elif own_forward is not base.forward:
+            if own_forward not in _KNOWN_FORWARDS.get(base, {base.forward}):
+                return None
+            if base is nn.modules.batchnorm._BatchNorm and module.running_mean is None:
                 return None
             return rule
     return None
