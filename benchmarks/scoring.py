@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/scoring.py --model smallcnn|resnet18-cifar [--device cpu|cuda] [--n N]
-        [--batch-size B] [--repeats R] [--threads T] [--loop-n M]
+        [--batch-size B] [--repeats R] [--threads T] [--loop-n M] [--pin-heap]
 
 Three methods are timed on the same model (random seeded weights, BatchNorm running statistics
 randomised a little, eval mode, float32) and the same random-normal inputs (1x28x28 for
@@ -25,6 +25,11 @@ time is the median over its ``R`` rounds. Before
 timing, engine and loop are compared on the loop's subset; the script exits with status 1 when the
 median relative difference exceeds 1e-3, so a broken engine cannot post a fast number silently.
 
+``--pin-heap`` (Linux, glibc) keeps freed memory in the process: glibc neither trims its heap
+nor serves large blocks with fresh ``mmap`` calls, so that the kernel's page faults on re-touched
+memory (which vary a lot between processes on a busy machine) do not add noise. It applies to all
+three methods alike; without it the allocator runs with its defaults, as a user's scoring would.
+
 The last line printed is one JSON object with the rates, ``loop_over_engine`` (loop time per
 sample / engine time per sample: how many times faster the engine is) and
 ``engine_over_train_step`` (engine time per sample / train-step time per sample; <= 1.0 means the
@@ -40,6 +45,7 @@ Targets (from the issue):
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import sys
@@ -94,6 +100,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's own)"
+    )
+    parser.add_argument(
+        "--pin-heap",
+        action="store_true",
+        help="keep freed memory in the process (glibc mallopt): no page-fault noise",
     )
     parser.add_argument(
         "--loop-n",
@@ -192,8 +203,25 @@ def benchmark(methods: list[Method], repeats: int, device: torch.device) -> dict
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+#: glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def pin_heap() -> None:
+    """Ask glibc to keep freed memory: no heap trimming, no mmap for blocks under 1 GiB."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) and libc.mallopt(M_MMAP_THRESHOLD, 2**30)
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        raise SystemExit("--pin-heap needs glibc (Linux); run without it")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.pin_heap:
+        pin_heap()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -202,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.n, *INPUT_SHAPES[args.model], device=device, dtype=torch.float32)
     print(
         f"model={args.model} device={args.device} n={args.n} batch_size={args.batch_size} "
-        f"repeats={args.repeats} threads={torch.get_num_threads()} torch={torch.__version__}"
+        f"repeats={args.repeats} threads={torch.get_num_threads()} pin_heap={args.pin_heap} "
+        f"torch={torch.__version__}"
     )
     print(f"loop timed on {args.loop_n} of {args.n} samples")
 
@@ -251,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 "loop_n": args.loop_n,
                 "repeats": args.repeats,
                 "threads": torch.get_num_threads(),
+                "pin_heap": args.pin_heap,
                 "torch": torch.__version__,
                 "loop_samples_per_s": round(rate["loop"], 3),
                 "engine_samples_per_s": round(rate["engine"], 3),
