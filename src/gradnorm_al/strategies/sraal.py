@@ -44,6 +44,7 @@ from .vae import (
     StepLosses,
     build_networks,
     candidate_logits,
+    latent_mlp,
     streams,
     train_adversarial,
 )
@@ -93,13 +94,7 @@ class TargetLearner(nn.Module):
 
     def __init__(self, latent_dim: int, num_classes: int, hidden: int = 512) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(latent_dim, hidden),
-            nn.ReLU(True),
-            nn.Linear(hidden, hidden),
-            nn.ReLU(True),
-            nn.Linear(hidden, num_classes),
-        )
+        self.net = latent_mlp(latent_dim, hidden, num_classes)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)

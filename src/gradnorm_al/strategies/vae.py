@@ -171,6 +171,17 @@ class ConvVAE(nn.Module):
         return self.decode(z), z, mu, logvar
 
 
+def latent_mlp(latent_dim: int, hidden: int, out: int) -> nn.Sequential:
+    """``Linear(z, hidden)-ReLU-Linear(hidden, hidden)-ReLU-Linear(hidden, out)``."""
+    return nn.Sequential(
+        nn.Linear(latent_dim, hidden),
+        nn.ReLU(True),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(True),
+        nn.Linear(hidden, out),
+    )
+
+
 class LatentDiscriminator(nn.Module):
     """The VAAL discriminator on latent codes: ``Linear(z, hidden)-ReLU-Linear(hidden, hidden)-
     ReLU-Linear(hidden, 1)``; ``forward`` returns logits [N] (the published network ends in a
@@ -178,13 +189,7 @@ class LatentDiscriminator(nn.Module):
 
     def __init__(self, latent_dim: int = 32, hidden: int = 512) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(latent_dim, hidden),
-            nn.ReLU(True),
-            nn.Linear(hidden, hidden),
-            nn.ReLU(True),
-            nn.Linear(hidden, 1),
-        )
+        self.net = latent_mlp(latent_dim, hidden, 1)
         _kaiming(self.net)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
