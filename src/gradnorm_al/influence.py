@@ -40,9 +40,10 @@ from torch import nn
 from torch.func import functional_call, jvp
 from torch.utils.data import Dataset
 
+from ._torch import eval_mode, first_output
 from .data.batching import iter_batches
 from .errors import ConfigError
-from .pergrad.common import LossFn, eval_mode, first_output
+from .pergrad.common import LossFn
 
 Vector = list[torch.Tensor]
 Indices = Sequence[int] | np.ndarray | None

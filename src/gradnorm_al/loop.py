@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._torch import snapshot
 from .data import DatasetBundle
 from .errors import ConfigError
 from .pool import Pool, initial_count
@@ -105,11 +106,6 @@ class TrialState:
     model: dict[str, torch.Tensor] | None  # the task model after that cycle (the warm start)
     auxiliary: dict[str, torch.Tensor] | None  # the strategy's auxiliary module, if any
     records: list[CycleRecord]
-
-
-def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of the module's state (``state_dict`` alone would alias the live tensors)."""
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def cycle_candidates(
@@ -247,8 +243,8 @@ def run_trial(
                 TrialState(
                     next_cycle=cycle + 1,
                     pool=pool.state_dict(),
-                    model=None if last else _snapshot(model),
-                    auxiliary=None if last or auxiliary is None else _snapshot(auxiliary.module),
+                    model=None if last else snapshot(model),
+                    auxiliary=None if last or auxiliary is None else snapshot(auxiliary.module),
                     records=list(records),
                 )
             )

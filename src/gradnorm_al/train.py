@@ -11,9 +11,8 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ._torch import eval_mode, first_output
 from .data.batching import iter_batches
-from .pergrad import first_output
-from .pergrad.common import eval_mode
 
 
 @dataclass

@@ -18,6 +18,7 @@ from scipy.stats import spearmanr
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from .._torch import model_dtype
 from ..atomic import atomic_open
 from ..data.batching import iter_batches
 from ..errors import ConfigError, RunDirectoryError
@@ -37,10 +38,6 @@ from .analyses import ANALYSIS_DIR, _csv, _mean_std, _pivot, _write
 from .replay import RunReader
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
 def true_label_grad_norms(
     model: nn.Module,
     dataset: Dataset,
@@ -51,7 +48,7 @@ def true_label_grad_norms(
 ) -> np.ndarray:
     """||grad_theta CE(model(x_i), y_i)|| for every pool index in ``indices`` (in that order),
     float64 [M], with the batched engine; the labels are the dataset's own targets."""
-    device, dtype = next(model.parameters()).device, _model_dtype(model)
+    device, dtype = next(model.parameters()).device, model_dtype(model)
     out = []
     for x, y in iter_batches(dataset, batch_size, indices):
         if y is None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
-from torch import nn
 
+from .._torch import eval_mode, first_output
 from ..errors import ConfigError
+
+__all__ = ["NORMS", "LossFn", "check_norm", "eval_mode", "first_output", "reduce_squared_norms"]
 
 #: "tensor-sum": sum over parameter tensors of each tensor's L2 norm (the published code);
 #: "l2": the global L2 norm over all parameters (Eq. 5 of the paper);
@@ -21,24 +22,6 @@ LossFn = Callable[[torch.Tensor], torch.Tensor]
 def check_norm(norm: str) -> None:
     if norm not in NORMS:
         raise ConfigError(f"unknown norm {norm!r}; use one of {', '.join(NORMS)}")
-
-
-def first_output(out: object) -> torch.Tensor:
-    """The logits of a model output: the tensor itself, the first item of a tuple or list, or the
-    ``"logits"`` / ``"out"`` entry of a dict (torchvision segmentation
-    models return ``{"out": ...}``)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out:
-        return first_output(out[0])
-    if isinstance(out, dict):
-        for key in ("logits", "out"):
-            if key in out:
-                return first_output(out[key])
-    raise ConfigError(
-        f"cannot find logits in a model output of type {type(out).__name__}; return a tensor, a "
-        "tuple whose first item is the logits, or a dict with a 'logits' or 'out' entry"
-    )
 
 
 def reduce_squared_norms(squared: torch.Tensor, norm: str) -> torch.Tensor:
@@ -54,18 +37,3 @@ def reduce_squared_norms(squared: torch.Tensor, norm: str) -> torch.Tensor:
         return squared.sqrt()
     check_norm(norm)
     raise AssertionError("unreachable")
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode and restore each one's own mode afterwards."""
-    modes = [(m, m.training) for m in (model.modules() if modules is None else modules)]
-    if not any(mode for _, mode in modes):  # already in eval mode: nothing to change
-        yield model
-        return
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes:
-            m.training = mode

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._torch import eval_mode, first_output, model_dtype, seeded_torch
 from ..data.batching import iter_batches
 from ..errors import ConfigError
-from ..pergrad import first_output
-from ..pergrad.common import eval_mode
 from .base import SelectionContext
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        return p.dtype
-    return torch.get_default_dtype()
 
 
 @torch.no_grad()
@@ -76,23 +68,4 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(dim=1)
 
 
-@contextlib.contextmanager
-def seeded_torch(device: torch.device, seed: int) -> Iterator[None]:
-    """Seed torch's generators for CPU and ``device`` with ``seed`` for the body and restore their
-    previous states afterwards (the caller's random stream is left as it was)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        with torch.random.fork_rng(devices=[index]):
-            torch.default_generator.manual_seed(seed)
-            with torch.cuda.device(index):
-                torch.cuda.manual_seed(seed)
-            yield
-    elif device.type == "cpu":
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            yield
-    else:
-        with torch.random.fork_rng(device_type=device.type):
-            torch.manual_seed(seed)
-            yield
+__all__ = ["entropy", "features", "map_batches", "model_dtype", "probabilities", "seeded_torch"]

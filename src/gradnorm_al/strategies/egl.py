@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._torch import eval_mode, first_output
 from ..data.batching import iter_batches
 from ..errors import ConfigError
-from ..pergrad import FallbackWarning, first_output, per_sample_grad_norms
-from ..pergrad.common import LossFn, eval_mode
+from ..pergrad import FallbackWarning, per_sample_grad_norms
+from ..pergrad.common import LossFn
 from .base import STRATEGIES, ScoringStrategy, SelectionContext
 
 EGL_NORMS = ("l2", "tensor-sum")

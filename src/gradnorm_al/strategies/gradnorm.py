@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .._torch import model_device_dtype
 from ..data.batching import iter_batches
 from ..errors import ConfigError
 from ..pergrad import per_sample_grad_norms
@@ -67,12 +68,6 @@ SCHEME_LOSSES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "entropy": entropy_loss,
     "expected": expected_ce_loss,
 }
-
-
-def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for p in model.parameters():
-        return p.device, p.dtype
-    return torch.device("cpu"), torch.get_default_dtype()
 
 
 def _input_batches(data: Dataset | DataLoader | torch.Tensor, batch_size: int) -> Iterator:
@@ -118,7 +113,7 @@ def gradnorm_scores(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     loss_fn = SCHEME_LOSSES[scheme]
-    home, dtype = _model_device_dtype(model)
+    home, dtype = model_device_dtype(model)
     target = torch.device(device) if device is not None else home
     if target != home:
         model.to(target)

@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._torch import eval_mode
 from ..errors import ConfigError
-from ..pergrad.common import eval_mode
 from ..train import Auxiliary
 from .base import STRATEGIES, ScoringStrategy, SelectionContext
 from .common import map_batches

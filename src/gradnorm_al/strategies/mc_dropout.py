@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._torch import first_output
 from ..errors import ConfigError
-from ..pergrad import first_output
 from .base import STRATEGIES, ScoringStrategy, SelectionContext
 from .common import entropy, map_batches, seeded_torch
 

@@ -1,0 +1,95 @@
+"""Small torch helpers shared by pergrad, train, strategies and analyses (the bottom layer).
+
+Nothing here knows about active learning: model modes, model outputs, where a model lives, and
+seeded random streams that leave the caller's stream as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+
+def first_output(out: object) -> torch.Tensor:
+    """The logits of a model output: the tensor itself, the first item of a tuple or list, or the
+    ``"logits"`` / ``"out"`` entry of a dict (torchvision segmentation
+    models return ``{"out": ...}``)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out:
+        return first_output(out[0])
+    if isinstance(out, dict):
+        for key in ("logits", "out"):
+            if key in out:
+                return first_output(out[key])
+    raise ConfigError(
+        f"cannot find logits in a model output of type {type(out).__name__}; return a tensor, a "
+        "tuple whose first item is the logits, or a dict with a 'logits' or 'out' entry"
+    )
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode and restore each one's own mode afterwards."""
+    modes = [(m, m.training) for m in (model.modules() if modules is None else modules)]
+    if not any(mode for _, mode in modes):  # already in eval mode: nothing to change
+        yield model
+        return
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of the model's first parameter (CPU and the default dtype if it has
+    none)."""
+    for p in model.parameters():
+        return p.device, p.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    return model_device_dtype(model)[1]
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the module's state (``state_dict`` alone would alias the live tensors)."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@contextlib.contextmanager
+def seeded_torch(device: torch.device | str, seed: int) -> Iterator[None]:
+    """Seed torch's generators for CPU and ``device`` with ``seed`` for the body and restore their
+    previous states afterwards (the caller's random stream is left as it was)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.random.fork_rng(devices=[index]):
+            torch.default_generator.manual_seed(seed)
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+            yield
+    elif device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            yield
+    else:
+        with torch.random.fork_rng(device_type=device.type):
+            torch.manual_seed(seed)
+            yield
+
+
+@contextlib.contextmanager
+def seeded_cpu(seed: int) -> Iterator[None]:
+    """``torch.manual_seed(seed)`` for the body on a forked CPU stream (CUDA streams untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
