@@ -33,3 +33,8 @@ class PoolError(GradnormALError, ValueError):
 
 class RunDirectoryError(GradnormALError):
     """The output folder cannot be used (for example it already holds another run)."""
+
+
+class SelectionError(GradnormALError):
+    """A strategy or sampler returned an invalid selection (wrong count, duplicates, an index
+    that was not a candidate)."""

@@ -1,31 +1,20 @@
-"""Algorithm 1 for one trial of one strategy: train, evaluate, select, repeat."""
+"""Algorithm 1 for one trial of one strategy: a short driver over an :class:`ActiveLearner`."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
+from torch.utils.data import Dataset
 
-from ._torch import snapshot
-from .data import DatasetBundle
 from .errors import ConfigError
-from .pool import Pool, initial_count
-from .seeding import (
-    AUXILIARY_INIT,
-    INIT_POOL,
-    MODEL_INIT,
-    STRATEGY,
-    SUBSET,
-    TRAIN,
-    derive_seed,
-    rng,
-)
-from .strategies import SelectionContext, Strategy
-from .train import Auxiliary, TrainConfig, accuracy, fit
+from .learner import ActiveLearner
+from .pool import initial_count
+from .seeding import INIT_POOL, SUBSET, rng
 
 
 @dataclass
@@ -77,24 +66,32 @@ class LoopConfig:
 
 @dataclass
 class CycleRecord:
-    """One row of results.csv plus the indices this cycle's selection added (None in the last)."""
+    """One row of results.csv plus what this cycle's selection added (None in the last cycle).
+
+    ``metrics``: ``test_<metric>`` and ``train_<metric>`` for each metric of the task, in the
+    task's order (classification: test_accuracy, train_accuracy)."""
 
     strategy: str
     trial: int
     cycle: int
     num_labeled: int
     labeled_fraction: float
-    test_accuracy: float
-    train_accuracy: float
+    metrics: dict[str, float]
     train_seconds: float
     select_seconds: float | None
     seed: int
     selected: np.ndarray | None = None
+    scores: np.ndarray | None = None  # the strategy's score of each selected index, if any
+
+    @property
+    def test_accuracy(self) -> float:
+        return self.metrics["test_accuracy"]
 
 
 @dataclass
 class TrialState:
-    """What continuing a trial after its first ``next_cycle`` cycles needs.
+    """What continuing a trial after its first ``next_cycle`` cycles needs: the learner's state
+    (labelled set, labels, model, auxiliary module) and the records so far.
 
     Nothing else carries over between cycles: every cycle's optimizer and schedule are created
     afresh (the published warm start) and every random choice is seeded from (trial seed, cycle),
@@ -102,10 +99,8 @@ class TrialState:
     """
 
     next_cycle: int
-    pool: dict  # Pool.state_dict(): the labelled set after the last finished cycle's selection
-    model: dict[str, torch.Tensor] | None  # the task model after that cycle (the warm start)
-    auxiliary: dict[str, torch.Tensor] | None  # the strategy's auxiliary module, if any
-    records: list[CycleRecord]
+    learner: dict[str, Any]
+    records: list[CycleRecord] = field(default_factory=list)
 
 
 def cycle_candidates(
@@ -118,136 +113,72 @@ def cycle_candidates(
     return np.sort(rng(seed, SUBSET, cycle).choice(unlabeled, subset_size, replace=False))
 
 
+def initial_indices(size: int, fraction: float, seed: int) -> np.ndarray:
+    """The random initial labelled pool of a trial: ``round(fraction * size)`` indices."""
+    return rng(seed, INIT_POOL).choice(size, size=initial_count(size, fraction), replace=False)
+
+
 def run_trial(
+    learner: ActiveLearner,
     *,
-    bundle: DatasetBundle,
-    model_factory: Callable[[], nn.Module],
-    strategy: Strategy,
-    strategy_name: str,
+    test: Dataset,
+    schedule: LoopConfig,
     trial: int,
-    seed: int,
-    loop: LoopConfig,
-    train: TrainConfig,
-    device: torch.device,
-    progress: bool = False,
     on_cycle: Callable[[CycleRecord], None] | None = None,
     on_state: Callable[[TrialState], None] | None = None,
     on_trained: Callable[[int, nn.Module], None] | None = None,
     resume: TrialState | None = None,
 ) -> list[CycleRecord]:
-    """Run Algorithm 1 for one strategy in one trial and return one record per cycle.
+    """Algorithm 1 for one strategy in one trial; one record per cycle.
 
-    Every random choice is seeded from ``seed`` (see :mod:`gradnorm_al.seeding`), so all strategies
-    of a trial start from the same labelled pool and the same initial model. After every cycle
-    ``on_state`` gets the :class:`TrialState` to continue from (then ``on_cycle`` the record);
-    ``resume`` continues from such a state. ``on_trained(cycle, model)`` sees the task model of
-    every cycle after its training, before its selection (T^c of the paper).
+    Every random choice is seeded from ``learner.seed`` (see :mod:`gradnorm_al.seeding`), so all
+    strategies of a trial start from the same labelled pool and the same initial model. After
+    every cycle ``on_state`` gets the :class:`TrialState` to continue from (then ``on_cycle`` the
+    record); ``resume`` continues from such a state. ``on_trained(cycle, model)`` sees the task
+    model of every cycle after its training, before its selection (T^c of the paper).
     """
-    n = bundle.pool_size
-    loop.validate(n)
-    k = loop.budget(n)
-    pool = Pool.initial(n, loop.initial_fraction, rng(seed, INIT_POOL))
-
-    def build(model_seed: int) -> nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(model_seed)
-            return strategy.prepare_model(model_factory()).to(device)
-
-    def trainer(indices: np.ndarray, member_seed: int) -> nn.Module:
-        """A fresh model trained like the task model on ``indices`` (for committees)."""
-        member = build(member_seed)
-        fit(member, bundle.train, indices, train, device=device, seed=member_seed)
-        return member
-
-    def build_with_auxiliary(cycle: int) -> tuple[nn.Module, Auxiliary | None]:
-        built = cycle if loop.reinit_each_cycle else 0
-        model = build(derive_seed(seed, MODEL_INIT, built))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(seed, AUXILIARY_INIT, built))
-            return model, strategy.auxiliary(model)
-
-    model: nn.Module | None = None
-    auxiliary: Auxiliary | None = None
-    records: list[CycleRecord] = []
-    start = 0
-    if resume is not None:
-        start, records = resume.next_cycle, list(resume.records)
-        pool.load_state_dict(resume.pool)
-        if resume.model is not None and start < loop.cycles:
-            model, auxiliary = build_with_auxiliary(start - 1)
-            model.load_state_dict(resume.model)
-            if auxiliary is not None and resume.auxiliary is not None:
-                auxiliary.module.load_state_dict(resume.auxiliary)
-    for cycle in range(start, loop.cycles):
-        if model is None or loop.reinit_each_cycle:
-            model, auxiliary = build_with_auxiliary(cycle)
-        labeled = pool.labeled()
-        tag = f"{strategy_name} t{trial} c{cycle}"
+    n, seed = learner.pool_size, learner.seed
+    schedule.validate(n)
+    k = schedule.budget(n)
+    records = [] if resume is None else list(resume.records)
+    if resume is None:
+        learner.update(initial_indices(n, schedule.initial_fraction, seed))
+    else:
+        learner.load_state_dict(resume.learner)
+    for cycle in range(len(records), schedule.cycles):
+        labeled = len(learner.labeled)
         started = time.perf_counter()
-        fit(
-            model,
-            bundle.train,
-            labeled,
-            train,
-            device=device,
-            seed=derive_seed(seed, TRAIN, cycle),
-            progress=progress,
-            desc=f"train {tag}",
-            auxiliary=auxiliary,
-        )
+        learner.fit()
         train_seconds = time.perf_counter() - started
-        test_acc = accuracy(model, bundle.test, device=device, batch_size=train.eval_batch_size)
-        train_acc = accuracy(
-            model, bundle.train_eval, labeled, device=device, batch_size=train.eval_batch_size
-        )
+        metrics = {f"test_{m}": v for m, v in learner.evaluate(test).items()}
+        metrics.update({f"train_{m}": v for m, v in learner.evaluate_labeled().items()})
         if on_trained is not None:
-            on_trained(cycle, model)
-        selected, select_seconds = None, None
-        if cycle < loop.cycles - 1:
-            candidates = cycle_candidates(pool.unlabeled(), loop.subset_size, seed, cycle)
-            ctx = SelectionContext(
-                model=model,
-                pool=bundle.train_eval,
-                candidates=candidates,
-                labeled=labeled,
-                num_classes=bundle.num_classes,
-                device=device,
-                rng=rng(seed, STRATEGY, cycle),
-                batch_size=loop.score_batch_size,
-                progress=progress,
-                trainer=trainer,
-            )
+            on_trained(cycle, learner.model)
+        selected = scores = select_seconds = None
+        if cycle < schedule.cycles - 1:
+            candidates = cycle_candidates(learner.unlabeled, schedule.subset_size, seed, cycle)
             started = time.perf_counter()
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derive_seed(seed, STRATEGY, cycle))
-                selected = strategy(ctx, k)
+            selected, scores = learner.query(k, candidates), learner.last_scores
             select_seconds = time.perf_counter() - started
-            pool.label(selected, cycle + 1)
-        record = CycleRecord(
-            strategy=strategy_name,
-            trial=trial,
-            cycle=cycle,
-            num_labeled=len(labeled),
-            labeled_fraction=len(labeled) / n,
-            test_accuracy=test_acc,
-            train_accuracy=train_acc,
-            train_seconds=train_seconds,
-            select_seconds=select_seconds,
-            seed=seed,
-            selected=selected,
-        )
-        records.append(record)
-        if on_state is not None:
-            last = cycle == loop.cycles - 1
-            on_state(
-                TrialState(
-                    next_cycle=cycle + 1,
-                    pool=pool.state_dict(),
-                    model=None if last else snapshot(model),
-                    auxiliary=None if last or auxiliary is None else snapshot(auxiliary.module),
-                    records=list(records),
-                )
+            learner.update(selected)
+        records.append(
+            CycleRecord(
+                learner.strategy.name,
+                trial,
+                cycle,
+                labeled,
+                labeled / n,
+                metrics,
+                train_seconds,
+                select_seconds,
+                seed,
+                selected,
+                scores,
             )
+        )
+        if on_state is not None:
+            last = cycle == schedule.cycles - 1
+            on_state(TrialState(cycle + 1, learner.state_dict(include_model=not last), records[:]))
         if on_cycle is not None:
-            on_cycle(record)
+            on_cycle(records[-1])
     return records

@@ -51,6 +51,10 @@ class Pool:
 
     def label(self, indices: np.ndarray | list[int], cycle: int) -> None:
         """Move ``indices`` from the unlabelled to the labelled set, recording ``cycle``."""
+        self.labeled_at[self.check_unlabeled(indices)] = cycle
+
+    def check_unlabeled(self, indices: np.ndarray | list[int]) -> np.ndarray:
+        """int64 ``indices``, checked to be distinct unlabelled pool indices (PoolError if not)."""
         idx = np.asarray(indices, dtype=np.int64)
         if idx.ndim != 1:
             raise PoolError(f"indices must be 1-D, got shape {idx.shape}")
@@ -61,7 +65,7 @@ class Pool:
         already = idx[self.labeled_at[idx] != UNLABELED]
         if already.size:
             raise PoolError(f"{already.size} samples are already labelled (e.g. {int(already[0])})")
-        self.labeled_at[idx] = cycle
+        return idx
 
     def state_dict(self) -> dict:
         return {"size": self.size, "labeled_at": self.labeled_at.tolist()}

@@ -1,8 +1,9 @@
-"""Fit and evaluate a classification task model."""
+"""Fit and evaluate a task model: the training recipe, the loss and metrics from its task."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,6 +14,9 @@ from tqdm.auto import tqdm
 
 from ._torch import eval_mode, first_output
 from .data.batching import iter_batches
+
+if TYPE_CHECKING:  # tasks sit above train in the layers; fit only calls their methods
+    from .tasks import MetricAccumulator, Task
 
 
 @dataclass
@@ -65,9 +69,14 @@ def fit(
     progress: bool = False,
     desc: str = "train",
     auxiliary: Auxiliary | None = None,
+    task: Task | None = None,
+    targets: torch.Tensor | None = None,
 ) -> None:
     """Train ``model`` on ``dataset[indices]`` for ``cfg.epochs`` epochs; a fresh optimizer and
     schedule each call (the published warm start re-creates them every cycle).
+
+    ``task`` gives the loss (default: cross-entropy on class indices); ``targets`` [len(indices),
+    ...] are the labels to train on, in the order of ``indices`` (default: the dataset's own).
 
     ``seed`` fixes batch order and any randomness in the model (dropout, augmentation in the
     default process). A batch of a single sample is skipped: BatchNorm cannot train on it.
@@ -96,15 +105,20 @@ def fit(
             shuffle=True,
             generator=generator,
             num_workers=cfg.num_workers,
+            targets=targets,
         ):
             if len(x) < 2:
                 continue
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = first_output(model(x))
             if auxiliary is None:
-                loss = F.cross_entropy(logits, y)
+                loss = F.cross_entropy(logits, y) if task is None else task.loss(logits, y)
             else:
-                per_sample = F.cross_entropy(logits, y, reduction="none")
+                per_sample = (
+                    F.cross_entropy(logits, y, reduction="none")
+                    if task is None
+                    else task.per_sample_loss(logits, y)
+                )
                 loss = per_sample.mean() + auxiliary.loss(per_sample, epoch, cfg.epochs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -147,3 +161,22 @@ def accuracy(
     """Top-1 accuracy in [0, 1] of ``model`` on ``dataset[indices]`` (all if None), eval mode."""
     pred, target = predict(model, dataset, indices, device=device, batch_size=batch_size)
     return float((pred == target).mean()) if len(target) else float("nan")
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    metrics: MetricAccumulator,
+    indices: np.ndarray | None = None,
+    *,
+    device: torch.device,
+    batch_size: int = 256,
+    targets: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """The task's metrics (``metrics``, a fresh accumulator) of ``model`` on ``dataset[indices]``
+    (all if None), eval mode; ``targets`` replaces the dataset's own labels."""
+    with eval_mode(model):  # each submodule's own mode comes back afterwards
+        for x, y in iter_batches(dataset, batch_size, indices, targets=targets):
+            metrics.update(first_output(model(x.to(device))), y)
+    return metrics.compute()

@@ -34,15 +34,21 @@ def iter_batches(
     shuffle: bool = False,
     generator: torch.Generator | None = None,
     num_workers: int = 0,
+    targets: torch.Tensor | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Yield ``(inputs, targets)`` batches of ``dataset`` restricted to ``indices`` (all if None).
 
     Items may be tensors or ``(input, target, ...)`` tuples (targets None when absent). Without
     shuffling the order is that of ``indices``. In-memory :class:`TensorDataset` s are sliced
     directly instead of going through a per-item DataLoader.
+
+    ``targets`` [n, ...] (one per position of ``indices``) replaces the dataset's own targets:
+    the labels a learner was given, so that a dataset's targets are never what training reads.
     """
     idx = None if indices is None else np.asarray(indices, dtype=np.int64)
     n = len(dataset) if idx is None else len(idx)
+    if targets is not None and len(targets) != n:
+        raise ValueError(f"{len(targets)} targets for {n} samples")
     order = torch.randperm(n, generator=generator).numpy() if shuffle else np.arange(n)
     fast = _as_tensor_dataset(dataset, idx)
     if fast is not None:
@@ -50,8 +56,11 @@ def iter_batches(
         pos = order if base is None else base[order]
         for start in range(0, n, batch_size):
             sel = torch.from_numpy(pos[start : start + batch_size])
-            batch = [t[sel] for t in tensors]
-            yield batch[0], (batch[1] if len(batch) > 1 else None)
+            x = tensors[0][sel]
+            if targets is not None:
+                yield x, targets[torch.from_numpy(order[start : start + batch_size])]
+            else:
+                yield x, (tensors[1][sel] if len(tensors) > 1 else None)
         return
     subset = (
         dataset
@@ -59,5 +68,10 @@ def iter_batches(
         else Subset(dataset, (order if idx is None else idx[order]).tolist())
     )
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    start = 0
     for item in loader:
-        yield _split(item)
+        x, y = _split(item)
+        if targets is not None:
+            y = targets[torch.from_numpy(order[start : start + len(x)])]
+        start += len(x)
+        yield x, y

@@ -20,7 +20,9 @@ from ..loop import CycleRecord, TrialState
 
 STATE_DIR = "state"
 MODELS_DIR = "models"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the learner's state (with its labels); 1 is still read
+READABLE_VERSIONS = (1, 2)
+MODEL_FORMAT_VERSION = 1  # kept models: unchanged
 
 
 def state_path(out_dir: Path, strategy: str, trial: int) -> Path:
@@ -61,7 +63,7 @@ def save_model(
     _save(
         path,
         {
-            "version": FORMAT_VERSION,
+            "version": MODEL_FORMAT_VERSION,
             "strategy": strategy,
             "trial": trial,
             "seed": seed,
@@ -82,7 +84,7 @@ def load_model(
             "with --keep-models (gradnorm-al run ... --keep-models)"
         )
     payload = _load(path, "re-run with --keep-models to rewrite it")
-    expected = {"version": FORMAT_VERSION, "strategy": strategy, "trial": trial, "seed": seed}
+    expected = {"version": MODEL_FORMAT_VERSION, "strategy": strategy, "trial": trial, "seed": seed}
     _check_owner(path, payload, {**expected, "cycle": cycle})
     return payload["model"]
 
@@ -90,14 +92,18 @@ def load_model(
 def _record_dict(record: CycleRecord) -> dict[str, Any]:
     values = dataclasses.asdict(record)
     values["selected"] = None if record.selected is None else [int(i) for i in record.selected]
+    values["scores"] = None if record.scores is None else [float(v) for v in record.scores]
     return values
 
 
 def _record(values: dict[str, Any]) -> CycleRecord:
-    selected = values.get("selected")
-    return CycleRecord(
-        **{**values, "selected": None if selected is None else np.asarray(selected, np.int64)}
-    )
+    values = dict(values)
+    if "metrics" not in values:  # format 1: the two classification columns as fields
+        values["metrics"] = {k: values.pop(k) for k in ("test_accuracy", "train_accuracy")}
+    selected, scores = values.get("selected"), values.get("scores")
+    values["selected"] = None if selected is None else np.asarray(selected, np.int64)
+    values["scores"] = None if scores is None else np.asarray(scores, np.float64)
+    return CycleRecord(**values)
 
 
 def save_state(path: Path, state: TrialState, *, strategy: str, trial: int, seed: int) -> None:
@@ -108,9 +114,7 @@ def save_state(path: Path, state: TrialState, *, strategy: str, trial: int, seed
         "trial": trial,
         "seed": seed,
         "next_cycle": state.next_cycle,
-        "pool": state.pool,
-        "model": state.model,
-        "auxiliary": state.auxiliary,
+        "learner": state.learner,
         "records": [_record_dict(r) for r in state.records],
     }
     _save(path, payload)
@@ -120,12 +124,20 @@ def load_state(path: Path, *, strategy: str, trial: int, seed: int) -> TrialStat
     """Read a checkpoint written by :func:`save_state` (``weights_only=True``: tensors and plain
     containers only) and check that it belongs to this strategy, trial and seed."""
     payload = _load(path, "delete it to recompute that trial from its start")
-    expected = {"version": FORMAT_VERSION, "strategy": strategy, "trial": trial, "seed": seed}
-    _check_owner(path, payload, expected)
-    return TrialState(
-        next_cycle=int(payload["next_cycle"]),
-        pool=payload["pool"],
-        model=payload["model"],
-        auxiliary=payload["auxiliary"],
-        records=[_record(r) for r in payload["records"]],
-    )
+    if payload.get("version") not in READABLE_VERSIONS:
+        raise RunDirectoryError(
+            f"checkpoint {path} has format version {payload.get('version')!r}, this gradnorm-al "
+            f"reads {READABLE_VERSIONS}; delete it to recompute that trial from its start"
+        )
+    _check_owner(path, payload, {"strategy": strategy, "trial": trial, "seed": seed})
+    next_cycle = int(payload["next_cycle"])
+    learner = payload.get("learner")
+    if learner is None:  # format 1: no labels (the oracle gives them again), no query records
+        learner = {
+            "cycle": next_cycle,
+            "pool": payload["pool"],
+            "labels": None,
+            "model": payload["model"],
+            "auxiliary": payload["auxiliary"],
+        }
+    return TrialState(next_cycle, learner, [_record(r) for r in payload["records"]])

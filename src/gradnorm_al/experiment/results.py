@@ -11,25 +11,21 @@ from typing import Any
 from ..atomic import atomic_write_text
 from ..loop import CycleRecord
 
-RESULT_COLUMNS = (
-    "strategy",
-    "trial",
-    "cycle",
-    "num_labeled",
-    "labeled_fraction",
-    "test_accuracy",
-    "train_accuracy",
-    "train_seconds",
-    "select_seconds",
-    "seed",
-)
+HEAD_COLUMNS = ("strategy", "trial", "cycle", "num_labeled", "labeled_fraction")
+TAIL_COLUMNS = ("train_seconds", "select_seconds", "seed")
+#: the columns of a classification run; other tasks put their own metric columns in the middle
+RESULT_COLUMNS = (*HEAD_COLUMNS, "test_accuracy", "train_accuracy", *TAIL_COLUMNS)
 RESULTS_FILE = "results.csv"
 SELECTIONS_FILE = "selections.jsonl"
 
 
 def record_row(record: CycleRecord) -> dict[str, Any]:
-    """The results.csv row of a cycle (select_seconds is empty in the last cycle: no selection)."""
-    return {name: getattr(record, name) for name in RESULT_COLUMNS}
+    """The results.csv row of a cycle (select_seconds is empty in the last cycle: no selection):
+    the fixed columns around the task's metric columns."""
+    row = {name: getattr(record, name) for name in HEAD_COLUMNS}
+    row.update(record.metrics)
+    row.update({name: getattr(record, name) for name in TAIL_COLUMNS})
+    return row
 
 
 class ResultsStore:
@@ -44,14 +40,15 @@ class ResultsStore:
     def add(self, record: CycleRecord, flush: bool = True) -> None:
         self.rows.append(record_row(record))
         if record.selected is not None:
-            self.selections.append(
-                {
-                    "strategy": record.strategy,
-                    "trial": record.trial,
-                    "cycle": record.cycle,
-                    "indices": [int(i) for i in record.selected],
-                }
-            )
+            selection = {
+                "strategy": record.strategy,
+                "trial": record.trial,
+                "cycle": record.cycle,
+                "indices": [int(i) for i in record.selected],
+            }
+            if record.scores is not None:  # the strategy's score of each selected index
+                selection["scores"] = [float(v) for v in record.scores]
+            self.selections.append(selection)
         if flush:
             self.flush()
 
@@ -63,11 +60,12 @@ class ResultsStore:
 
 
 def rows_to_csv(rows: list[dict[str, Any]]) -> str:
+    columns = list(rows[0]) if rows else list(RESULT_COLUMNS)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if row[k] is None else row[k]) for k in RESULT_COLUMNS})
+        writer.writerow({k: ("" if row[k] is None else row[k]) for k in columns})
     return buf.getvalue()
 
 

@@ -14,11 +14,14 @@ import torch
 from ..atomic import atomic_write_text
 from ..data import DatasetBundle, load_dataset
 from ..errors import ConfigError, RunDirectoryError
+from ..learner import ActiveLearner
 from ..loop import run_trial
 from ..models import MODELS, create_model
+from ..oracles import DatasetOracle
 from ..pergrad.common import check_norm
 from ..seeding import POOL_SUBSET, rng
-from ..strategies import STRATEGIES, accepted_params, create_strategy
+from ..strategies import accepted_params, create_strategy
+from ..tasks import ClassificationTask
 from .checkpoint import (
     MODELS_DIR,
     STATE_DIR,
@@ -67,13 +70,13 @@ def resolve_device(name: str) -> torch.device:
 def validate_names(config: ExperimentConfig) -> None:
     """Fail fast, before any data is read, on unknown names and bad strategy parameters."""
     for name in config.strategies:
-        STRATEGIES.get(name)
         unknown = set(config.strategy_params.get(name, {})) - accepted_params(name)
         if unknown:
             raise ConfigError(
                 f"strategy {name} does not take {', '.join(sorted(unknown))}; "
                 f"it takes: {', '.join(sorted(accepted_params(name))) or 'no parameters'}"
             )
+        create_strategy(name, **strategy_kwargs(config, name))  # values and scorer@sampler
     for name in config.strategy_params:
         if name not in config.strategies:
             raise ConfigError(f"strategy_params names {name!r}, which is not among the strategies")
@@ -203,17 +206,26 @@ def run_experiment(
                 )
 
             t0 = time.perf_counter()
-            records = run_trial(
-                bundle=bundle,
-                model_factory=model_factory,
-                strategy=strategy,
-                strategy_name=name,
-                trial=trial,
-                seed=seed,
-                loop=loop,
+            learner = ActiveLearner(
+                model_factory,
+                bundle.train_eval,
+                ClassificationTask(bundle.num_classes),
+                strategy,
+                oracle=DatasetOracle(bundle.train_targets),
                 train=train,
+                train_pool=bundle.train,
                 device=device,
+                seed=seed,
+                batch_size=loop.score_batch_size,
+                reinit=loop.reinit_each_cycle,
+                name=f"{name} t{trial}",
                 progress=progress,
+            )
+            records = run_trial(
+                learner,
+                test=bundle.test,
+                schedule=loop,
+                trial=trial,
                 on_cycle=store.add,
                 on_state=checkpoint,
                 on_trained=keep if config.keep_models else None,

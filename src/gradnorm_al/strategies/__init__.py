@@ -10,13 +10,17 @@ from . import (  # noqa: F401  (register the strategies)
     mc_dropout,
     qbc,
     random,
+    samplers,
     sraal,
     uncertainty,
     vaal,
 )
 from .base import (
+    SAMPLERS,
     STRATEGIES,
+    Sampler,
     ScoringStrategy,
+    Selection,
     SelectionContext,
     Strategy,
     accepted_params,
@@ -26,8 +30,11 @@ from .base import (
 from .gradnorm import entropy_loss, expected_ce_loss, gradnorm_scores
 
 __all__ = [
+    "SAMPLERS",
     "STRATEGIES",
+    "Sampler",
     "ScoringStrategy",
+    "Selection",
     "SelectionContext",
     "Strategy",
     "accepted_params",

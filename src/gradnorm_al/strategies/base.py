@@ -1,7 +1,9 @@
-"""The strategy interface: a read-only selection context in, pool indices out.
+"""The strategy interface: a read-only selection context in, a :class:`Selection` out.
 
 A :class:`ScoringStrategy` is a scorer (one utility per candidate, higher = more worth labelling)
-composed with a sampler (top-K by default). Strategies never see the loop's internals.
+composed with a sampler (top-K by default; see :mod:`.samplers`). A strategy without per-sample
+scores (core-set, BADGE, random) is a sampler alone. ``"SCORER@SAMPLER"`` names any scorer with any
+sampler (e.g. ``entropy-gradnorm@power``). Strategies never see the loop's internals.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from ..errors import PoolError
+from ..errors import ConfigError, PoolError, SelectionError
 from ..registry import Registry
+from ..tasks import Task, reduce_elements
 from ..train import Auxiliary
 
 
@@ -37,9 +40,11 @@ class SelectionContext:
     batch_size : batch size for forward / backward passes over candidates.
     progress : whether to show progress bars.
     trainer : ``trainer(indices, seed)`` trains and returns a fresh task model (same architecture,
-        recipe and :meth:`Strategy.prepare_model` as the task model) on the training pool rows
+        recipe and :meth:`Strategy.prepare_model` as the task model) on the labelled pool rows
         ``indices`` (repeats allowed: bootstrap resamples), in eval mode on ``device``; None
         where no training is possible (strategies that need it then refuse with a clear error).
+    task : the task (its ``reduction`` turns dense per-element scores into one per sample);
+        None means one class label per sample, mean reduction.
     """
 
     model: nn.Module
@@ -52,6 +57,11 @@ class SelectionContext:
     batch_size: int = 128
     progress: bool = False
     trainer: Callable[[np.ndarray, int], nn.Module] | None = None
+    task: Task | None = None
+
+    def reduce(self, values: torch.Tensor) -> torch.Tensor:
+        """[N, ...] per-element scores -> [N] with the task's reduction (mean without a task)."""
+        return self.task.reduce(values) if self.task is not None else reduce_elements(values)
 
     def candidate_data(self) -> Dataset:
         return Subset(self.pool, self.candidates.tolist())
@@ -60,42 +70,114 @@ class SelectionContext:
         return Subset(self.pool, np.asarray(indices).tolist())
 
 
+@dataclass(frozen=True)
+class Selection:
+    """What a strategy chose: int64 [k] pool indices in pick order, and the scorer's float64
+    utility of each (None for strategies without per-sample scores)."""
+
+    indices: np.ndarray
+    scores: np.ndarray | None = None
+
+
 class Strategy:
-    """Chooses ``k`` of the context's candidates; returns their pool indices."""
+    """Chooses ``k`` of the context's candidates."""
 
     name: str = "strategy"
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Called by the loop on every freshly built task model, before its first training.
+        """Called on every freshly built task model, before its first training.
 
         A method that changes the model it trains (MC dropout adds a dropout layer) does it here;
         the default leaves the model as it is."""
         return model
 
     def auxiliary(self, model: nn.Module) -> Auxiliary | None:
-        """Called by the loop once per task model built (after :meth:`prepare_model`): a module to
-        train jointly with it every cycle (see :class:`gradnorm_al.train.Auxiliary`), or None."""
+        """Called once per task model built (after :meth:`prepare_model`): a module to train
+        jointly with it every cycle (see :class:`gradnorm_al.train.Auxiliary`), or None."""
         return None
 
-    def select(self, ctx: SelectionContext, k: int) -> np.ndarray:
+    def select(self, ctx: SelectionContext, k: int) -> np.ndarray | Selection:
+        """int64 [k] pool indices (or a :class:`Selection` with their scores)."""
         raise NotImplementedError
 
-    def __call__(self, ctx: SelectionContext, k: int) -> np.ndarray:
+    def __call__(self, ctx: SelectionContext, k: int) -> Selection:
         check_request(ctx, k)
-        chosen = np.asarray(self.select(ctx, k), dtype=np.int64)
+        chosen = self.select(ctx, k)
+        if not isinstance(chosen, Selection):
+            chosen = Selection(np.asarray(chosen, dtype=np.int64))
+        chosen = Selection(np.asarray(chosen.indices, dtype=np.int64), chosen.scores)
         check_selection(ctx, chosen, k, self.name)
         return chosen
 
 
-class ScoringStrategy(Strategy):
-    """A scorer plus the top-K sampler: select the ``k`` candidates with the highest score."""
+class Sampler:
+    """Turns per-candidate scores (or none) into ``k`` distinct positions into the candidates.
 
-    def score(self, ctx: SelectionContext) -> np.ndarray:
+    ``needs_scores``: whether the sampler needs a scorer (top-K and the stochastic samplers do;
+    k-center, k-means++ and uniform can also work alone)."""
+
+    name: str = "sampler"
+    needs_scores: bool = True
+
+    def sample(self, ctx: SelectionContext, k: int, scores: np.ndarray | None) -> np.ndarray:
+        """int64 [k] distinct positions into ``ctx.candidates``, in pick order."""
+        raise NotImplementedError
+
+
+class TopK(Sampler):
+    """The ``k`` highest scores, best first; ties go to the earlier candidate; NaN ranks last."""
+
+    name = "top-k"
+
+    def sample(self, ctx: SelectionContext, k: int, scores: np.ndarray | None) -> np.ndarray:
+        assert scores is not None
+        return top_k_positions(scores, k)
+
+
+class ScoringStrategy(Strategy):
+    """A scorer plus a sampler: :meth:`score` gives one utility per candidate (or None when the
+    strategy has no scores and its sampler decides alone), the sampler picks ``k`` of them."""
+
+    sampler: Sampler = TopK()
+    has_scores: bool = True
+
+    def score(self, ctx: SelectionContext) -> np.ndarray | None:
         """float64 [M]: one utility per candidate, in the order of ``ctx.candidates``."""
         raise NotImplementedError
 
-    def select(self, ctx: SelectionContext, k: int) -> np.ndarray:
-        return top_k(self.score(ctx), ctx.candidates, k)
+    def select(self, ctx: SelectionContext, k: int) -> Selection:
+        scores = self.score(ctx) if self.has_scores else None
+        if scores is not None:
+            scores = np.asarray(scores, dtype=np.float64)
+            if scores.shape != (len(ctx.candidates),):
+                raise SelectionError(
+                    f"strategy {self.name} gave {scores.shape} scores for "
+                    f"{len(ctx.candidates)} candidates"
+                )
+        elif self.sampler.needs_scores:
+            raise ConfigError(
+                f"sampler {self.sampler.name} needs per-sample scores, which strategy "
+                f"{self.name} does not have"
+            )
+        pos = np.asarray(self.sampler.sample(ctx, k, scores), dtype=np.int64)
+        if (
+            pos.shape != (k,)
+            or len(np.unique(pos)) != k
+            or (k and (pos.min() < 0 or pos.max() >= len(ctx.candidates)))
+        ):
+            raise SelectionError(
+                f"sampler {self.sampler.name} returned invalid positions {pos.shape} for {k} of "
+                f"{len(ctx.candidates)} candidates"
+            )
+        return Selection(ctx.candidates[pos], None if scores is None else scores[pos])
+
+
+def top_k_positions(scores: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` largest scores, best first; ties go to the earlier position; NaN
+    ranks last."""
+    scores = np.asarray(scores, dtype=np.float64)
+    key = np.where(np.isnan(scores), -np.inf, scores)
+    return np.argsort(-key, kind="stable")[:k]
 
 
 def top_k(scores: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
@@ -106,9 +188,7 @@ def top_k(scores: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape != (len(candidates),):
         raise ValueError(f"expected {len(candidates)} scores, got shape {scores.shape}")
-    key = np.where(np.isnan(scores), -np.inf, scores)
-    order = np.argsort(-key, kind="stable")
-    return np.asarray(candidates)[order[:k]]
+    return np.asarray(candidates)[top_k_positions(scores, k)]
 
 
 def check_request(ctx: SelectionContext, k: int) -> None:
@@ -122,27 +202,67 @@ def check_request(ctx: SelectionContext, k: int) -> None:
         )
 
 
-def check_selection(ctx: SelectionContext, chosen: np.ndarray, k: int, name: str) -> None:
+def check_selection(ctx: SelectionContext, chosen: Selection, k: int, name: str) -> None:
     """A strategy must return exactly ``k`` distinct candidates (so never a labelled index)."""
-    if chosen.shape != (k,):
-        raise AssertionError(f"strategy {name} returned {chosen.shape} indices, expected ({k},)")
-    if len(np.unique(chosen)) != k:
-        raise AssertionError(f"strategy {name} returned duplicate indices")
-    if not np.isin(chosen, ctx.candidates).all():
-        raise AssertionError(f"strategy {name} returned indices that are not candidates")
+    idx = chosen.indices
+    if idx.shape != (k,):
+        raise SelectionError(f"strategy {name} returned {idx.shape} indices, expected ({k},)")
+    if len(np.unique(idx)) != k:
+        raise SelectionError(f"strategy {name} returned duplicate indices")
+    if not np.isin(idx, ctx.candidates).all():
+        raise SelectionError(f"strategy {name} returned indices that are not candidates")
+    if chosen.scores is not None and np.shape(chosen.scores) != (k,):
+        raise SelectionError(f"strategy {name} returned {np.shape(chosen.scores)} scores for {k}")
 
 
 StrategyFactory = Callable[..., Strategy]
 STRATEGIES: Registry[StrategyFactory] = Registry("strategy")
+SAMPLERS: Registry[Callable[..., Sampler]] = Registry("sampler")
+SAMPLERS.register("top-k")(TopK)
 
 
-def create_strategy(name: str, **params: Any) -> Strategy:
-    """Build the strategy registered as ``name`` with its hyper-parameters ``params``."""
-    strategy = STRATEGIES.get(name)(**params)
-    strategy.name = name
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """``"SCORER@SAMPLER"`` -> (scorer, sampler); a plain name -> (name, None)."""
+    name, at, sampler = spec.partition("@")
+    if at and (not name or not sampler or "@" in sampler):
+        raise ConfigError(f"strategy {spec!r} is not NAME or SCORER@SAMPLER (e.g. entropy@power)")
+    return name, (sampler if at else None)
+
+
+def _params_of(factory: Callable[..., Any]) -> set[str]:
+    return set(inspect.signature(factory).parameters)
+
+
+def create_strategy(spec: str, **params: Any) -> Strategy:
+    """Build the strategy ``spec`` (a registered name, or ``"SCORER@SAMPLER"``) with its
+    hyper-parameters ``params``; with a sampler, each parameter goes to whichever of the two
+    takes it."""
+    name, sampler_name = split_spec(spec)
+    factory = STRATEGIES.get(name)
+    if sampler_name is None:
+        strategy = factory(**params)
+    else:
+        sampler_factory = SAMPLERS.get(sampler_name)
+        mine = _params_of(sampler_factory)
+        both = mine & _params_of(factory) & set(params)
+        if both:
+            raise ConfigError(
+                f"{spec}: parameter {sorted(both)[0]!r} is taken by both {name} and "
+                f"{sampler_name}; rename it"
+            )
+        strategy = factory(**{k: v for k, v in params.items() if k not in mine})
+        if not isinstance(strategy, ScoringStrategy) or not strategy.has_scores:
+            raise ConfigError(
+                f"strategy {name} has no per-sample scores for a sampler to use; combine a "
+                f"scoring strategy with {sampler_name} (e.g. entropy-gradnorm@{sampler_name})"
+            )
+        strategy.sampler = sampler_factory(**{k: v for k, v in params.items() if k in mine})
+    strategy.name = spec
     return strategy
 
 
-def accepted_params(name: str) -> set[str]:
-    """Names of the keyword arguments the strategy ``name`` accepts."""
-    return set(inspect.signature(STRATEGIES.get(name)).parameters)
+def accepted_params(spec: str) -> set[str]:
+    """Names of the keyword arguments the strategy ``spec`` accepts (with its sampler's)."""
+    name, sampler_name = split_spec(spec)
+    params = _params_of(STRATEGIES.get(name))
+    return params if sampler_name is None else params | _params_of(SAMPLERS.get(sampler_name))

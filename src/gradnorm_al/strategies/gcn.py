@@ -59,7 +59,7 @@ from torch import nn
 from ..errors import ConfigError
 from .base import STRATEGIES, SelectionContext, Strategy, top_k
 from .common import features, seeded_torch
-from .coreset import k_center_greedy
+from .samplers import k_center_greedy
 
 # Published defaults (main.py arguments and config.py of the published code).
 DEFAULT_HIDDEN = 128

@@ -30,23 +30,22 @@ from ..data.batching import iter_batches
 from ..errors import ConfigError
 from ..pergrad import per_sample_grad_norms
 from ..pergrad.common import check_norm
+from ..tasks import REDUCTIONS, reduce_elements
 from .base import STRATEGIES, ScoringStrategy, SelectionContext
 
 SCHEMES = ("entropy", "expected")
 
 
-def _per_sample(values: torch.Tensor) -> torch.Tensor:
-    """[N, ...] -> [N]: mean over any spatial dimensions (per-pixel losses of dense outputs)."""
-    return values.flatten(1).mean(dim=1) if values.dim() > 1 else values
-
-
-def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Prediction entropy per sample, [N, C, ...] -> [N], via log_softmax (stable)."""
+def entropy_loss(logits: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Prediction entropy per sample, [N, C, ...] -> [N], via log_softmax (stable); dense outputs
+    are reduced over their elements with ``reduction`` (mean, sum or max)."""
     log_p = F.log_softmax(logits, dim=1)
-    return _per_sample(-(log_p.exp() * log_p).sum(dim=1))
+    return reduce_elements(-(log_p.exp() * log_p).sum(dim=1), reduction)
 
 
-def expected_ce_loss(logits: torch.Tensor, *, detach_p: bool = False) -> torch.Tensor:
+def expected_ce_loss(
+    logits: torch.Tensor, *, detach_p: bool = False, reduction: str = "mean"
+) -> torch.Tensor:
     """Eq. 6 literally: ``sum_i p_i * CE(logits, i)`` per sample, [N, C, ...] -> [N].
 
     ``detach_p=False`` is the published code (and equals :func:`entropy_loss`); ``detach_p=True``
@@ -61,7 +60,7 @@ def expected_ce_loss(logits: torch.Tensor, *, detach_p: bool = False) -> torch.T
     for i in range(num_classes):
         label = torch.full(label_shape, i, dtype=torch.long, device=logits.device)
         total = total + p[:, i] * F.cross_entropy(logits, label, reduction="none")
-    return _per_sample(total)
+    return reduce_elements(total, reduction)
 
 
 SCHEME_LOSSES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -91,6 +90,7 @@ def gradnorm_scores(
     batch_size: int = 128,
     device: str | torch.device | None = None,
     progress: bool = False,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Gradient-norm score of every sample of ``data``, float64 [N] on the CPU, in data order.
 
@@ -104,6 +104,8 @@ def gradnorm_scores(
     scheme : "entropy" (Eq. 7) or "expected" (Eq. 6, identical ranking, see module docs).
     norm : "tensor-sum" (published code) or "l2" (Eq. 5).
     device : where to compute; default the model's device.
+    reduction : for dense outputs [n, C, ...], how per-element losses become one per sample
+        (mean, sum or max) before the gradient is taken.
     """
     if scheme not in SCHEMES:
         raise ConfigError(f"unknown scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
@@ -112,7 +114,13 @@ def gradnorm_scores(
         raise ConfigError("gradnorm_scores needs a scalar norm: use 'tensor-sum' or 'l2'")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-    loss_fn = SCHEME_LOSSES[scheme]
+    if reduction not in REDUCTIONS:
+        raise ConfigError(f"unknown reduction {reduction!r}; use one of {', '.join(REDUCTIONS)}")
+    scheme_loss = SCHEME_LOSSES[scheme]
+
+    def loss_fn(logits: torch.Tensor) -> torch.Tensor:
+        return scheme_loss(logits, reduction=reduction)
+
     home, dtype = model_device_dtype(model)
     target = torch.device(device) if device is not None else home
     if target != home:
@@ -152,6 +160,7 @@ class GradnormStrategy(ScoringStrategy):
             batch_size=ctx.batch_size,
             device=ctx.device,
             progress=ctx.progress,
+            reduction=ctx.task.reduction if ctx.task is not None else "mean",
         ).numpy()
 
 

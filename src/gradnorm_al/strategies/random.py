@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
-
-from .base import STRATEGIES, SelectionContext, Strategy
+from .base import STRATEGIES, ScoringStrategy
+from .samplers import UniformSampler
 
 
 @STRATEGIES.register("random")
-class RandomStrategy(Strategy):
-    """``k`` candidates drawn uniformly without replacement with the context's seeded rng."""
+class RandomStrategy(ScoringStrategy):
+    """``k`` candidates drawn uniformly without replacement with the context's seeded rng (the
+    ``uniform`` sampler alone)."""
 
-    def select(self, ctx: SelectionContext, k: int) -> np.ndarray:
-        return ctx.rng.choice(ctx.candidates, size=k, replace=False)
+    has_scores = False
+    sampler = UniformSampler()
