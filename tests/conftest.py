@@ -93,3 +93,23 @@ def make_context(
         batch_size=batch_size,
         trainer=trainer,
     )
+
+
+def bundle_trial(bundle, strategy, *, loop, train, seed=0, factory=None, **kwargs):
+    """run_trial on a DatasetBundle with the learner the runner builds (smallcnn by default)."""
+    from functools import partial
+
+    from gradnorm_al.experiment.runner import bundle_learner
+    from gradnorm_al.loop import run_trial
+
+    factory = factory or partial(create_model_smallcnn)
+    learner = bundle_learner(
+        bundle, factory, strategy, train=train, schedule=loop, device=torch.device("cpu"), seed=seed
+    )
+    return run_trial(learner, test=bundle.test, schedule=loop, trial=0, **kwargs)
+
+
+def create_model_smallcnn():
+    from gradnorm_al import create_model
+
+    return create_model("smallcnn", num_classes=10, in_channels=1)

@@ -26,7 +26,8 @@ ROWS = [
 def _run_folder(tmp_path: Path, subset_size=None) -> Path:
     store = ResultsStore(tmp_path)
     for s, t, c, n, test, train, ts, ss in ROWS:
-        store.add(CycleRecord(s, t, c, n, n / 100, test, train, ts, ss, seed=t))
+        metrics = {"test_accuracy": test, "train_accuracy": train}
+        store.add(CycleRecord(s, t, c, n, n / 100, metrics, ts, ss, seed=t))
     config = ExperimentConfig(strategies=["a", "b"], cycles=2, subset_size=subset_size)
     (tmp_path / "config.yaml").write_text(config.to_yaml())
     return tmp_path

@@ -4,18 +4,17 @@ committee (vote entropy, mean KL)."""
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_context, randomise_bn
+from conftest import bundle_trial, make_context, randomise_bn
 from torch import nn
 
 from gradnorm_al import ConfigError, create_model, create_strategy
 from gradnorm_al.data import tensor_dataset
-from gradnorm_al.loop import LoopConfig, run_trial
+from gradnorm_al.loop import LoopConfig
 from gradnorm_al.strategies.mc_dropout import (
     bald_scores,
     has_dropout,
@@ -309,17 +308,7 @@ LOOP = LoopConfig(cycles=2, initial_fraction=0.1, budget_fraction=0.05, subset_s
 
 
 def _run(bundle, strategy, name):
-    return run_trial(
-        bundle=bundle,
-        model_factory=partial(create_model, "smallcnn", num_classes=10, in_channels=1),
-        strategy=strategy,
-        strategy_name=name,
-        trial=0,
-        seed=0,
-        loop=LOOP,
-        train=TRAIN,
-        device=torch.device("cpu"),
-    )
+    return bundle_trial(bundle, strategy, loop=LOOP, train=TRAIN)
 
 
 def _check_records(records):

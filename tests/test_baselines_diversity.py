@@ -13,14 +13,15 @@ from torch import nn
 from gradnorm_al import ConfigError, create_strategy
 from gradnorm_al.data import tensor_dataset
 from gradnorm_al.strategies import SelectionContext
-from gradnorm_al.strategies import coreset as coreset_mod
-from gradnorm_al.strategies.badge import (
+from gradnorm_al.strategies import samplers as coreset_mod
+from gradnorm_al.strategies.samplers import (
     badge_embeddings_factors,
     gradient_sq_dists_to,
     gradient_sq_norms,
+    k_center_greedy,
     kmeans_pp_factorised,
+    min_sq_dists,
 )
-from gradnorm_al.strategies.coreset import k_center_greedy, min_sq_dists
 
 
 class Lookup(nn.Module):

@@ -19,7 +19,6 @@ from gradnorm_al.data import tensor_dataset
 from gradnorm_al.strategies import accepted_params, top_k
 from gradnorm_al.strategies import gcn as gcn_mod
 from gradnorm_al.strategies.common import seeded_torch
-from gradnorm_al.strategies.coreset import k_center_greedy
 from gradnorm_al.strategies.gcn import (
     SequentialGCN,
     gcn_adjacency,
@@ -27,6 +26,7 @@ from gradnorm_al.strategies.gcn import (
     train_gcn,
     uncertain_gcn_scores,
 )
+from gradnorm_al.strategies.samplers import k_center_greedy
 
 NAMES = ("uncertain-gcn", "core-gcn")
 TINY = dict(hidden=16, steps=5)

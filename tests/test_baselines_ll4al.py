@@ -4,18 +4,17 @@ hooks and gradient stop, selection, and end-to-end runs with smallcnn and resnet
 from __future__ import annotations
 
 import gc
-from functools import partial
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_context
+from conftest import bundle_trial, make_context
 from torch import nn
 
 from gradnorm_al import ConfigError, create_model, create_strategy
 from gradnorm_al.data import tensor_dataset
-from gradnorm_al.loop import LoopConfig, run_trial
+from gradnorm_al.loop import LoopConfig
 from gradnorm_al.strategies import SelectionContext, accepted_params
 from gradnorm_al.strategies.ll4al import (
     LL4ALStrategy,
@@ -361,16 +360,12 @@ def test_registered_hyper_parameters():
 
 
 def _run(bundle, strategy, seed=0):
-    return run_trial(
-        bundle=bundle,
-        model_factory=partial(create_model, "smallcnn", num_classes=10, in_channels=1),
-        strategy=strategy,
-        strategy_name="ll4al",
-        trial=0,
-        seed=seed,
+    return bundle_trial(
+        bundle,
+        strategy,
         loop=LoopConfig(cycles=2, initial_fraction=0.1, budget_fraction=0.05, subset_size=40),
         train=TrainConfig(epochs=2, lr=0.05, batch_size=16),
-        device=torch.device("cpu"),
+        seed=seed,
     )
 
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 import pytest
 import torch
+from conftest import bundle_trial
 from torch import nn
 
 from gradnorm_al import ConfigError, create_model, create_strategy
-from gradnorm_al.loop import LoopConfig, run_trial
+from gradnorm_al.loop import LoopConfig
 from gradnorm_al.strategies import Strategy
 from gradnorm_al.train import Auxiliary, TrainConfig, fit
 
@@ -28,19 +27,9 @@ class Recorder(Strategy):
         return self.inner.select(ctx, k)
 
 
-def _run(bundle, strategy, seed=0, loop=None, factory=None, name="s"):
-    factory = factory or partial(create_model, "smallcnn", num_classes=10, in_channels=1)
-    return run_trial(
-        bundle=bundle,
-        model_factory=factory,
-        strategy=strategy,
-        strategy_name=name,
-        trial=0,
-        seed=seed,
-        loop=loop or LoopConfig(cycles=4, initial_fraction=0.1, budget_fraction=0.05),
-        train=TRAIN,
-        device=torch.device("cpu"),
-    )
+def _run(bundle, strategy, seed=0, loop=None, factory=None):
+    loop = loop or LoopConfig(cycles=4, initial_fraction=0.1, budget_fraction=0.05)
+    return bundle_trial(bundle, strategy, loop=loop, train=TRAIN, seed=seed, factory=factory)
 
 
 @pytest.mark.parametrize("name", ["random", "entropy-gradnorm"])

@@ -110,23 +110,19 @@ def test_resume_refuses_other_runs_checkpoints_and_extra_options(tmp_path, capsy
 def test_resuming_from_any_cycle_state_equals_the_uninterrupted_trial(small_digits, name):
     """In-process: the state after every cycle, including a jointly trained auxiliary module
     (learning loss) and a model the strategy changed (MC dropout), resumes to the same trial."""
-    from functools import partial
+    from conftest import bundle_trial
 
-    from gradnorm_al import create_model, create_strategy
-    from gradnorm_al.loop import LoopConfig, run_trial
+    from gradnorm_al import create_strategy
+    from gradnorm_al.loop import LoopConfig
     from gradnorm_al.train import TrainConfig
 
     def trial(**kwargs):
-        return run_trial(
-            bundle=small_digits,
-            model_factory=partial(create_model, "smallcnn", num_classes=10, in_channels=1),
-            strategy=create_strategy(name),
-            strategy_name=name,
-            trial=0,
-            seed=1,
+        return bundle_trial(
+            small_digits,
+            create_strategy(name),
             loop=LoopConfig(cycles=3, initial_fraction=0.1, budget_fraction=0.05),
             train=TrainConfig(epochs=2, lr=0.05, batch_size=32),
-            device=torch.device("cpu"),
+            seed=1,
             **kwargs,
         )
 
@@ -138,6 +134,6 @@ def test_resuming_from_any_cycle_state_equals_the_uninterrupted_trial(small_digi
     full = trial(on_state=states.append)
     assert [s.next_cycle for s in states] == [1, 2, 3]
     if name == "ll4al":
-        assert states[0].auxiliary is not None
+        assert states[0].learner["auxiliary"] is not None
     for state in states[:-1]:
         assert key(trial(resume=state)) == key(full)

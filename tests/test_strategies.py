@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gradnorm_al import PoolError, UnknownNameError, create_strategy
+from gradnorm_al.errors import SelectionError
 from gradnorm_al.strategies import SelectionContext, Strategy, top_k
 
 
@@ -60,9 +61,9 @@ def test_a_misbehaving_strategy_is_caught():
         def select(self, ctx, k):
             return ctx.labeled[:k]
 
-    with pytest.raises(AssertionError, match="duplicate"):
+    with pytest.raises(SelectionError, match="duplicate"):
         Duplicates()(_ctx([1, 2, 3]), 2)
-    with pytest.raises(AssertionError, match="not candidates"):
+    with pytest.raises(SelectionError, match="not candidates"):
         Outside()(_ctx([1, 2, 3], labeled=[7, 8]), 2)
 
 

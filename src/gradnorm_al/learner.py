@@ -282,7 +282,7 @@ class ActiveLearner:
             task=self.task,
         )
         with seeded_cpu(derive_seed(self.seed, STRATEGY, self.cycle)):
-            selection: Selection = self.strategy(ctx, k)
+            selection: Selection = self.strategy.query(ctx, k)
         self.queries.append(
             {
                 "cycle": self.cycle,

@@ -87,6 +87,10 @@ class CycleRecord:
     def test_accuracy(self) -> float:
         return self.metrics["test_accuracy"]
 
+    @property
+    def train_accuracy(self) -> float:
+        return self.metrics["train_accuracy"]
+
 
 @dataclass
 class TrialState:

@@ -10,18 +10,20 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..atomic import atomic_write_text
 from ..data import DatasetBundle, load_dataset
 from ..errors import ConfigError, RunDirectoryError
 from ..learner import ActiveLearner
-from ..loop import run_trial
+from ..loop import LoopConfig, run_trial
 from ..models import MODELS, create_model
 from ..oracles import DatasetOracle
 from ..pergrad.common import check_norm
 from ..seeding import POOL_SUBSET, rng
-from ..strategies import accepted_params, create_strategy
+from ..strategies import Strategy, accepted_params, create_strategy
 from ..tasks import ClassificationTask
+from ..train import TrainConfig
 from .checkpoint import (
     MODELS_DIR,
     STATE_DIR,
@@ -115,6 +117,37 @@ def strategy_kwargs(config: ExperimentConfig, name: str) -> dict:
     return params
 
 
+def bundle_learner(
+    bundle: DatasetBundle,
+    model_factory: Callable[[], nn.Module],
+    strategy: Strategy,
+    *,
+    train: TrainConfig,
+    schedule: LoopConfig,
+    device: torch.device,
+    seed: int,
+    name: str | None = None,
+    progress: bool = False,
+) -> ActiveLearner:
+    """The learner of one benchmark trial on a packaged dataset: classification, the dataset's
+    own labels as the oracle, augmentation on the training view only."""
+    return ActiveLearner(
+        model_factory,
+        bundle.train_eval,
+        ClassificationTask(bundle.num_classes),
+        strategy,
+        oracle=DatasetOracle(bundle.train_targets),
+        train=train,
+        train_pool=bundle.train,
+        device=device,
+        seed=seed,
+        batch_size=schedule.score_batch_size,
+        reinit=schedule.reinit_each_cycle,
+        name=name,
+        progress=progress,
+    )
+
+
 def read_run_config(out_dir: str | Path) -> ExperimentConfig:
     """The configuration a run folder was started with (for ``--resume``)."""
     path = Path(out_dir) / CONFIG_FILE
@@ -206,18 +239,14 @@ def run_experiment(
                 )
 
             t0 = time.perf_counter()
-            learner = ActiveLearner(
+            learner = bundle_learner(
+                bundle,
                 model_factory,
-                bundle.train_eval,
-                ClassificationTask(bundle.num_classes),
                 strategy,
-                oracle=DatasetOracle(bundle.train_targets),
                 train=train,
-                train_pool=bundle.train,
+                schedule=loop,
                 device=device,
                 seed=seed,
-                batch_size=loop.score_batch_size,
-                reinit=loop.reinit_each_cycle,
                 name=f"{name} t{trial}",
                 progress=progress,
             )

@@ -100,7 +100,12 @@ class Strategy:
         """int64 [k] pool indices (or a :class:`Selection` with their scores)."""
         raise NotImplementedError
 
-    def __call__(self, ctx: SelectionContext, k: int) -> Selection:
+    def __call__(self, ctx: SelectionContext, k: int) -> np.ndarray:
+        """int64 [k] pool indices of :meth:`query`."""
+        return self.query(ctx, k).indices
+
+    def query(self, ctx: SelectionContext, k: int) -> Selection:
+        """The validated selection of ``k`` candidates, with their scores where there are any."""
         check_request(ctx, k)
         chosen = self.select(ctx, k)
         if not isinstance(chosen, Selection):
