@@ -10,6 +10,7 @@ compares on a machine of the same fingerprint.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import platform
 import sys
@@ -34,16 +35,18 @@ def machine() -> dict:
     import numpy
     import torch
 
-    cpu = platform.processor()
+    cpu, flags = platform.processor(), ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == platform.processor():
                 cpu = line.split(":", 1)[1].strip()
-                break
+            if line.startswith("flags") and not flags:
+                flags = line.split(":", 1)[1].strip()
     except OSError:
         pass
     return {
         "cpu": cpu,
+        "cpu_flags": hashlib.sha256(flags.encode()).hexdigest()[:16],  # kernels differ by ISA
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "numpy": numpy.__version__,

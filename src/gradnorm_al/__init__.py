@@ -2,6 +2,8 @@
 
 The main entry points:
 
+* :class:`ActiveLearner` - a task model, a pool, a task and a strategy; labels arrive through
+  ``update`` (from the caller or an :class:`Oracle`);
 * :func:`gradnorm_scores` - the paper's score for every sample of a dataset;
 * :func:`run_experiment` with an :class:`ExperimentConfig` - Algorithm 1 over strategies x trials;
 * the registries ``DATASETS``, ``MODELS``, ``STRATEGIES``.
@@ -14,28 +16,43 @@ from .errors import (
     GradnormALError,
     PoolError,
     RunDirectoryError,
+    SelectionError,
     UnknownNameError,
 )
 from .experiment import ExperimentConfig, run_experiment
+from .learner import ActiveLearner
 from .models import MODELS, create_model
+from .oracles import CallbackOracle, DatasetOracle, Oracle
 from .pergrad import per_sample_grad_norms
 from .pool import Pool
-from .strategies import STRATEGIES, create_strategy, gradnorm_scores
+from .strategies import SAMPLERS, STRATEGIES, Selection, create_strategy, gradnorm_scores
+from .tasks import ClassificationTask, Task
+from .train import TrainConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DATASETS",
     "MODELS",
+    "SAMPLERS",
     "STRATEGIES",
+    "ActiveLearner",
+    "CallbackOracle",
+    "ClassificationTask",
     "ConfigError",
     "DataError",
     "DatasetBundle",
+    "DatasetOracle",
     "ExperimentConfig",
     "GradnormALError",
+    "Oracle",
     "Pool",
     "PoolError",
     "RunDirectoryError",
+    "Selection",
+    "SelectionError",
+    "Task",
+    "TrainConfig",
     "UnknownNameError",
     "create_model",
     "create_strategy",
