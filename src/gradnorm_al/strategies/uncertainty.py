@@ -7,7 +7,9 @@ largest probabilities, the scores (higher = more worth labelling, top-K selects)
 * ``margin``:           ``-(p_(1) - p_(2))``, so top-K picks the smallest margins (Scheffer et al.)
 * ``least-confidence``: ``1 - max_c p_c`` (Culotta & McCallum)
 
-None of them has a hyper-parameter or uses randomness; ties go to the earlier candidate.
+None of them has a hyper-parameter or uses randomness; ties go to the earlier candidate. For dense
+outputs (probabilities ``[n, C, H, W]``) each formula is taken per element and the task's
+``reduction`` (mean, sum or max) makes one score per sample, as baal's heuristics do.
 """
 
 from __future__ import annotations
@@ -20,20 +22,22 @@ from .common import entropy, probabilities
 
 
 def _check_probs(probs: torch.Tensor, min_classes: int = 1) -> None:
-    if probs.dim() != 2:
-        raise ValueError(f"expected probabilities [n, C], got shape {tuple(probs.shape)}")
+    if probs.dim() < 2:
+        raise ValueError(f"expected probabilities [n, C, ...], got shape {tuple(probs.shape)}")
     if probs.shape[1] < min_classes:
         raise ValueError(f"needs at least {min_classes} classes, got {probs.shape[1]}")
 
 
 def entropy_scores(probs: torch.Tensor) -> torch.Tensor:
-    """Predictive entropy ``H(p) = -sum_c p_c log p_c`` (nats) of probabilities [n, C] -> [n]."""
+    """Predictive entropy ``H(p) = -sum_c p_c log p_c`` (nats) of probabilities [n, C, ...] ->
+    [n, ...]."""
     _check_probs(probs)
     return entropy(probs)
 
 
 def margin_scores(probs: torch.Tensor) -> torch.Tensor:
-    """Negated top-2 margin ``-(p_(1) - p_(2))`` of probabilities [n, C] (C >= 2) -> [n].
+    """Negated top-2 margin ``-(p_(1) - p_(2))`` of probabilities [n, C, ...] (C >= 2) ->
+    [n, ...].
 
     In [-1, 0]; 0 means the two most likely classes are tied."""
     _check_probs(probs, min_classes=2)
@@ -42,7 +46,8 @@ def margin_scores(probs: torch.Tensor) -> torch.Tensor:
 
 
 def least_confidence_scores(probs: torch.Tensor) -> torch.Tensor:
-    """Least confidence ``1 - max_c p_c`` of probabilities [n, C] -> [n]; in [0, 1 - 1/C]."""
+    """Least confidence ``1 - max_c p_c`` of probabilities [n, C, ...] -> [n, ...]; in
+    [0, 1 - 1/C]."""
     _check_probs(probs)
     return 1.0 - probs.max(dim=1).values
 
@@ -55,7 +60,7 @@ class _ProbabilityScoring(ScoringStrategy):
         raise NotImplementedError
 
     def score(self, ctx: SelectionContext) -> np.ndarray:
-        return self.formula(probabilities(ctx)).numpy().astype(np.float64)
+        return ctx.reduce(self.formula(probabilities(ctx))).numpy().astype(np.float64)
 
 
 @STRATEGIES.register("entropy")
