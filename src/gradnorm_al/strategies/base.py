@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from ..errors import PoolError
+from ..options import check_arguments
 from ..registry import Registry
 from ..train import Auxiliary
 
@@ -138,7 +139,9 @@ STRATEGIES: Registry[StrategyFactory] = Registry("strategy")
 
 def create_strategy(name: str, **params: Any) -> Strategy:
     """Build the strategy registered as ``name`` with its hyper-parameters ``params``."""
-    strategy = STRATEGIES.get(name)(**params)
+    factory = STRATEGIES.get(name)
+    check_arguments(factory, params, f"strategy {name}")  # declared in its signature
+    strategy = factory(**params)
     strategy.name = name
     return strategy
 
