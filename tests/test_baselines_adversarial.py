@@ -11,10 +11,10 @@ from conftest import make_context
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
-from gradnorm_al import ConfigError, PoolError, create_strategy
+from gradnorm_al import STRATEGIES, ConfigError, PoolError, create_strategy
 from gradnorm_al.data import tensor_dataset
 from gradnorm_al.models import create_model
-from gradnorm_al.strategies.sraal import SRAALStrategy, oui_state
+from gradnorm_al.strategies.sraal import oui_state
 from gradnorm_al.strategies.vaal import VAALStrategy
 from gradnorm_al.strategies.vae import (
     AdversarialConfig,
@@ -312,10 +312,12 @@ def test_invalid_settings_are_config_errors():
         (dict(adversary_param=float("nan")), "adversary_param"),
     ]:
         for name in ("vaal", "sraal"):
-            with pytest.raises(ConfigError, match=f"{name}: {match}"):
+            with pytest.raises(ConfigError, match=f"^strategy {name}: {match} must be "):
                 create_strategy(name, **params)
-    with pytest.raises(ConfigError, match="classifier_weight"):
-        SRAALStrategy(classifier_weight=-1.0)
+            with pytest.raises(ConfigError, match=f"^strategy {name}: {match} must be "):
+                STRATEGIES.get(name)(**params)  # built directly, not through the registry
+    with pytest.raises(ConfigError, match="classifier_weight must be a number >= 0, got -1.0"):
+        create_strategy("sraal", classifier_weight=-1.0)
     pool, labeled, cands = _two_groups("A", ["B"], per=4)
     with pytest.raises(PoolError, match="at least one"):
         VAALStrategy(iterations=1, **TINY)(_ctx(None, pool, cands, []), 2)

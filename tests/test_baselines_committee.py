@@ -291,15 +291,19 @@ def test_selecting_with_a_model_without_dropout_is_refused():
 @pytest.mark.parametrize(
     "params, match",
     [
-        ({"samples": 1}, "samples must be an integer >= 2"),
-        ({"samples": 2.5}, "samples must be an integer >= 2"),
-        ({"acquisition": "entropy"}, "use one of bald, max-entropy, variation-ratio"),
-        ({"p": 0.0}, r"p must be a dropout rate in \(0, 1\)"),
-        ({"p": 1.0}, r"p must be a dropout rate in \(0, 1\)"),
+        ({"samples": 1}, "samples must be an integer >= 2, got 1$"),
+        ({"samples": 2.5}, "samples must be an integer >= 2, got 2.5$"),
+        (
+            {"acquisition": "entropy"},
+            "acquisition must be one of 'bald', 'max-entropy', 'variation-ratio', got 'entropy'",
+        ),
+        ({"p": 0.0}, r"p must be a number in \(0, 1\), got 0.0"),
+        ({"p": 1.0}, r"p must be a number in \(0, 1\), got 1.0"),
+        ({"p": True}, r"p must be a number in \(0, 1\), got True"),
     ],
 )
 def test_mc_dropout_parameters_are_validated(params, match):
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(ConfigError, match="^strategy mc-dropout: " + match):
         create_strategy("mc-dropout", **params)
 
 
@@ -481,11 +485,11 @@ def test_qbc_needs_a_trainer_and_valid_parameters():
     with pytest.raises(ConfigError, match="no.*labelled|there are none"):
         create_strategy("qbc")(_ctx(None, _index_pool(6), np.arange(6), [], trainer=trainer), 1)
     for params, match in [
-        ({"members": 1}, "members must be an integer >= 2"),
-        ({"disagreement": "js"}, "use one of vote-entropy, kl"),
-        ({"bootstrap": "yes"}, "bootstrap must be true or false"),
+        ({"members": 1}, "members must be an integer >= 2, got 1"),
+        ({"disagreement": "js"}, "disagreement must be one of 'vote-entropy', 'kl', got 'js'"),
+        ({"bootstrap": "yes"}, "bootstrap must be true or false, got 'yes'"),
     ]:
-        with pytest.raises(ConfigError, match=match):
+        with pytest.raises(ConfigError, match="^strategy qbc: " + match):
             create_strategy("qbc", **params)
 
 

@@ -322,10 +322,10 @@ def test_options_are_validated():
     ]
     for name in NAMES:
         for key, value in bad:
-            with pytest.raises(ConfigError, match=f"{name} {key}"):
+            with pytest.raises(ConfigError, match=f"^strategy {name}: {key} must be .*, got "):
                 create_strategy(name, **{key: value})
     for value in (-0.1, 1.5):
-        with pytest.raises(ConfigError, match="s_margin"):
+        with pytest.raises(ConfigError, match=r"s_margin must be a number in \[0, 1\]"):
             create_strategy("uncertain-gcn", s_margin=value)
 
 

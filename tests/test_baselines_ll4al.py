@@ -345,7 +345,7 @@ def test_select_on_an_unprepared_model_raises():
     ],
 )
 def test_bad_hyper_parameters_raise(params, match):
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(ConfigError, match=f"^strategy ll4al: {match} must be "):
         create_strategy("ll4al", **params)
 
 

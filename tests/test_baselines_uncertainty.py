@@ -253,7 +253,7 @@ def test_egl_stays_exact_when_the_engine_falls_back():
 def test_egl_validates_its_options():
     assert accepted_params("egl") == {"norm"}
     for bad in ("per-tensor", "linf"):
-        with pytest.raises(ConfigError, match="unknown EGL norm"):
+        with pytest.raises(ConfigError, match="egl: norm must be one of 'l2', 'tensor-sum', got"):
             create_strategy("egl", norm=bad)
     model = nn.Linear(3, 2).double()
     x = torch.zeros(2, 3, dtype=torch.float64)

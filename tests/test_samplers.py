@@ -100,10 +100,12 @@ def test_composition_errors_name_the_problem():
         create_strategy("entropy@nope")
     with pytest.raises(ConfigError, match="SCORER@SAMPLER"):
         create_strategy("entropy@")
-    with pytest.raises(ConfigError, match="beta must be a positive number"):
+    with pytest.raises(ConfigError, match="sampler softmax: beta must be a number > 0"):
         create_strategy("entropy@softmax", beta=0)
     with pytest.raises(ConfigError, match="prefilter must be a number >= 1"):
         create_strategy("entropy@k-center", prefilter=0.5)
+    with pytest.raises(ConfigError, match="entropy@power does not take bogus; it takes: beta"):
+        create_strategy("entropy@power", bogus=1)
     s = create_strategy("entropy-gradnorm@power", beta=2.0, norm="l2")
     assert (s.sampler.beta, s.norm, s.name) == (2.0, "l2", "entropy-gradnorm@power")
     assert accepted_params("entropy-gradnorm@power") == {"norm", "beta"}

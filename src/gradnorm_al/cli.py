@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import ConfigError, GradnormALError
+from .options import add_arguments
 
 EXIT_USAGE = 2
 
@@ -38,6 +39,8 @@ def _damping(text: str) -> float | str:
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
+    from .experiment.config import ExperimentConfig
+
     s = argparse.SUPPRESS  # only options given on the command line override the config file
     p.add_argument(
         "--preset",
@@ -47,101 +50,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "below override it",
     )
     p.add_argument("--config", metavar="FILE", default=s, help="YAML file holding any option below")
-    p.add_argument("--dataset", default=s, help="dataset name (see `gradnorm-al list`)")
-    p.add_argument("--model", default=s, help="model name (default: the dataset's default)")
-    p.add_argument(
-        "--strategy",
-        dest="strategies",
-        action="append",
-        default=s,
-        metavar="S",
-        help="strategy name; repeat to compare several on the same seeds",
-    )
-    p.add_argument("--trials", type=_int, default=s, help="number of trials (default 3)")
-    p.add_argument(
-        "--cycles",
-        type=_int,
-        default=s,
-        help="training cycles, the last without selection (default 7)",
-    )
-    p.add_argument(
-        "--initial-fraction",
-        type=float,
-        default=s,
-        help="initially labelled fraction of the pool (default 0.10)",
-    )
-    p.add_argument(
-        "--budget-fraction",
-        type=float,
-        default=s,
-        help="fraction of the pool labelled per cycle (default 0.05)",
-    )
-    p.add_argument(
-        "--subset-size",
-        type=_int,
-        default=s,
-        help="random unlabelled candidates scored per cycle (default: all)",
-    )
-    p.add_argument(
-        "--pool-size",
-        type=_int,
-        default=s,
-        help="use a fixed seeded random pool of this many training samples (default: all)",
-    )
-    p.add_argument("--epochs", type=_int, default=s, help="epochs per cycle (default 200)")
-    p.add_argument("--lr", type=float, default=s, help="SGD learning rate (default 0.1)")
-    p.add_argument("--momentum", type=float, default=s, help="SGD momentum (default 0.9)")
-    p.add_argument("--weight-decay", type=float, default=s, help="weight decay (default 5e-4)")
-    p.add_argument(
-        "--milestones",
-        type=_int,
-        nargs="+",
-        default=s,
-        metavar="EPOCH",
-        help="epochs at which the lr is multiplied by --gamma (default: 80%% of epochs)",
-    )
-    p.add_argument("--gamma", type=float, default=s, help="lr decay factor (default 0.1)")
-    p.add_argument("--batch-size", type=_int, default=s, help="training batch (default 128)")
-    p.add_argument(
-        "--num-workers",
-        type=_int,
-        default=s,
-        help="training data loader worker processes for file-backed datasets (default 0)",
-    )
-    p.add_argument(
-        "--score-batch-size",
-        type=_int,
-        default=s,
-        help="batch size for scoring candidates (default 128)",
-    )
-    p.add_argument(
-        "--norm",
-        choices=["tensor-sum", "l2"],
-        default=s,
-        help="gradnorm aggregation: tensor-sum (published code, default) or l2 (Eq. 5)",
-    )
-    p.add_argument(
-        "--reinit-each-cycle",
-        action="store_true",
-        default=s,
-        help="train a fresh model every cycle (default: keep it, as published)",
-    )
-    p.add_argument(
-        "--keep-models",
-        action="store_true",
-        default=s,
-        help="save every cycle's trained model under DIR/models (needed by `analyze "
-        "topk-overlap`, `influence` and `gradnorm-decrease`)",
-    )
-    p.add_argument("--seed", type=_int, default=s, help="trial t uses seed + t (default 0)")
-    p.add_argument("--device", default=s, help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--data-root", default=s, metavar="DIR", help="where the dataset files are")
-    p.add_argument(
-        "--download",
-        action="store_true",
-        default=s,
-        help="download the dataset into --data-root if missing (needs network)",
-    )
+    add_arguments(p, ExperimentConfig)  # one flag per option, derived from its declaration
 
 
 def _add_output_options(p: argparse.ArgumentParser, default_out: str) -> None:

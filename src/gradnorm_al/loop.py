@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from .errors import ConfigError
 from .learner import ActiveLearner
+from .options import option
 from .pool import initial_count
 from .seeding import INIT_POOL, SUBSET, rng
 
@@ -26,12 +27,18 @@ class LoopConfig:
     ``reinit_each_cycle=False`` keeps the model between cycles (the published warm start).
     """
 
-    cycles: int = 7
-    initial_fraction: float = 0.10
-    budget_fraction: float = 0.05
-    subset_size: int | None = None
-    reinit_each_cycle: bool = False
-    score_batch_size: int = 128
+    cycles: int = option(7, "training cycles, the last without selection", ge=1)
+    initial_fraction: float = option(
+        0.10, "initially labelled fraction of the pool", gt=0.0, le=1.0
+    )
+    budget_fraction: float = option(0.05, "fraction of the pool labelled per cycle", gt=0.0, le=1.0)
+    subset_size: int | None = option(
+        None, "random unlabelled candidates scored per cycle", ge=1, none="all"
+    )
+    reinit_each_cycle: bool = option(
+        False, "train a fresh model every cycle instead of keeping it (the published warm start)"
+    )
+    score_batch_size: int = option(128, "batch size for scoring candidates", ge=1)
 
     def budget(self, pool_size: int) -> int:
         return max(1, round(self.budget_fraction * pool_size))

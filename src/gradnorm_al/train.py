@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ._torch import eval_mode, first_output
 from .data.batching import iter_batches
+from .options import option
 
 if TYPE_CHECKING:  # tasks sit above train in the layers; fit only calls their methods
     from .tasks import MetricAccumulator, Task
@@ -26,15 +27,23 @@ class TrainConfig:
     ``milestones=None`` means one milestone at 80% of the epochs (160 of 200, as published).
     """
 
-    epochs: int = 200
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    milestones: list[int] | None = None
-    gamma: float = 0.1
-    batch_size: int = 128
-    eval_batch_size: int = 256
-    num_workers: int = 0  # DataLoader worker processes for datasets read per item (not tensors)
+    epochs: int = option(200, "epochs per cycle", ge=1)
+    lr: float = option(0.1, "SGD learning rate", ge=0.0)
+    momentum: float = option(0.9, "SGD momentum", ge=0.0)
+    weight_decay: float = option(5e-4, "weight decay", ge=0.0)
+    milestones: list[int] | None = option(
+        None,
+        "epochs at which the lr is multiplied by --gamma",
+        ge=1,
+        metavar="EPOCH",
+        none="80% of the epochs",
+    )
+    gamma: float = option(0.1, "lr decay factor", ge=0.0)
+    batch_size: int = option(128, "training batch", ge=1)
+    eval_batch_size: int = option(256, "evaluation batch", ge=1, exposed=False)
+    num_workers: int = option(
+        0, "training data loader worker processes for file-backed datasets", ge=0
+    )
 
     def resolved_milestones(self) -> list[int]:
         if self.milestones is None:

@@ -3,49 +3,68 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from ..errors import ConfigError
 from ..loop import LoopConfig
+from ..options import from_mapping, option, to_mapping, validate
+from ..strategies.gradnorm import SCALAR_NORMS
 from ..train import TrainConfig
+
+T = TypeVar("T")
 
 
 @dataclass
-class ExperimentConfig:
-    """Every option of ``gradnorm-al run``; defaults follow the published protocol."""
+class _Setup:
+    """What a run compares and where: the options besides the schedule and the recipe."""
 
-    dataset: str = "digits"
-    model: str | None = None  # None: the dataset's default model
-    strategies: list[str] = field(default_factory=lambda: ["random", "entropy-gradnorm"])
-    trials: int = 3
-    seed: int = 0  # trial t uses seed + t
-    device: str = "cpu"
-    data_root: str | None = None
-    download: bool = False
-    norm: str = "tensor-sum"  # for gradnorm strategies: "tensor-sum" (published) or "l2" (Eq. 5)
-    pool_size: int | None = None  # a seeded random pool of this many training samples (CPU scale)
-    strategy_params: dict[str, dict[str, Any]] = field(default_factory=dict)
-    keep_models: bool = False  # save every cycle's trained model (for `gradnorm-al analyze`)
-    # the active-learning schedule (LoopConfig)
-    cycles: int = 7
-    initial_fraction: float = 0.10
-    budget_fraction: float = 0.05
-    subset_size: int | None = None
-    reinit_each_cycle: bool = False
-    score_batch_size: int = 128
-    # training (TrainConfig)
-    epochs: int = 200
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    milestones: list[int] | None = None  # None: 80% of the epochs
-    gamma: float = 0.1
-    batch_size: int = 128
-    num_workers: int = 0  # training DataLoader workers (torchvision datasets; GPU runs)
+    dataset: str = option("digits", "dataset name (see `gradnorm-al list`)")
+    model: str | None = option(None, "model name", none="the dataset's default")
+    strategies: list[str] = option(
+        ["random", "entropy-gradnorm"],
+        "strategy name; repeat to compare several on the same seeds",
+        flag="--strategy",
+        append=True,
+        metavar="S",
+    )
+    trials: int = option(3, "number of trials", ge=1)
+    seed: int = option(0, "trial t uses seed + t", ge=0)
+    device: str = option("cpu", "cpu, cuda or cuda:N")
+    data_root: str | None = option(None, "where the dataset files are", metavar="DIR")
+    download: bool = option(
+        False, "download the dataset into --data-root if missing (needs network)"
+    )
+    norm: str = option(
+        "tensor-sum",
+        "gradnorm aggregation: tensor-sum (published code) or l2 (Eq. 5)",
+        choices=SCALAR_NORMS,
+    )
+    pool_size: int | None = option(
+        None, "use a fixed seeded random pool of this many training samples", ge=1, none="all"
+    )
+    strategy_params: dict[str, dict[str, Any]] = option(
+        {}, "per strategy name, its hyper-parameters (config files only)", cli=False
+    )
+    keep_models: bool = option(
+        False,
+        "save every cycle's trained model under DIR/models (needed by `analyze topk-overlap`, "
+        "`influence` and `gradnorm-decrease`)",
+    )
+
+
+@dataclass
+class ExperimentConfig(TrainConfig, LoopConfig, _Setup):
+    """Every option of ``gradnorm-al run``, flat; defaults follow the published protocol.
+
+    The fields are declared once, where they belong: the setup above, the active-learning
+    schedule in :class:`~gradnorm_al.loop.LoopConfig`, the training recipe in
+    :class:`~gradnorm_al.train.TrainConfig`. Validation, YAML keys and command-line flags are
+    derived from those declarations (:mod:`gradnorm_al.options`).
+    """
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -53,21 +72,8 @@ class ExperimentConfig:
         cls, values: dict[str, Any], base: ExperimentConfig | None = None
     ) -> ExperimentConfig:
         """``base`` (or the defaults) updated with ``values``; keys may use - or _."""
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        updates = {}
-        for key, value in values.items():
-            name = str(key).replace("-", "_")
-            if name == "strategy":  # singular accepted for convenience
-                name = "strategies"
-            if name == "strategies" and isinstance(value, str):
-                value = [value]
-            if name not in known:
-                raise ConfigError(
-                    f"unknown option {key!r}; known options: {', '.join(sorted(known))}"
-                )
-            updates[name] = value
-        config = dataclasses.replace(base or cls(), **updates)
-        config.check_types()
+        config = from_mapping(cls, values, base)
+        config.check()
         return config
 
     @classmethod
@@ -87,112 +93,33 @@ class ExperimentConfig:
         return cls.from_dict(values, base)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return to_mapping(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     # ---------------------------------------------------------------- views
     def loop_config(self) -> LoopConfig:
-        return LoopConfig(
-            cycles=self.cycles,
-            initial_fraction=self.initial_fraction,
-            budget_fraction=self.budget_fraction,
-            subset_size=self.subset_size,
-            reinit_each_cycle=self.reinit_each_cycle,
-            score_batch_size=self.score_batch_size,
-        )
+        return _part(LoopConfig, self)
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(
-            epochs=self.epochs,
-            lr=self.lr,
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
-            milestones=self.milestones,
-            gamma=self.gamma,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-        )
+        return _part(TrainConfig, self)
 
     # ---------------------------------------------------------------- validation
-    def check_types(self) -> None:
-        """Raise ConfigError for values of the wrong type or outside their range (data-free checks;
-        the schedule is checked against the pool size by :meth:`LoopConfig.validate`)."""
+    def check(self) -> None:
+        """Raise ConfigError for a value of the wrong type or outside its declared range, or for
+        an inconsistent combination (data-free checks; the schedule is checked against the pool
+        size by :meth:`LoopConfig.validate`)."""
+        validate(self)
+        if not self.strategies:
+            raise ConfigError("give at least one strategy")
+        if len(set(self.strategies)) != len(self.strategies):
+            raise ConfigError(f"a strategy is listed twice: {self.strategies}")
 
-        def need(cond: bool, message: str) -> None:
-            if not cond:
-                raise ConfigError(message)
 
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-        for name in ("trials", "cycles", "epochs", "batch_size", "score_batch_size"):
-            value = getattr(self, name)
-            need(
-                is_int(value) and value >= 1,
-                f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}",
-            )
-        need(self.epochs >= 1, "epochs must be at least 1")
-        need(
-            is_int(self.seed) and self.seed >= 0,
-            f"seed must be a non-negative integer, got {self.seed!r}",
-        )
-        for name in ("initial_fraction", "budget_fraction"):
-            value = getattr(self, name)
-            need(
-                is_num(value) and 0.0 < value <= 1.0,
-                f"{name.replace('_', '-')} must be in (0, 1], got {value!r}",
-            )
-        for name in ("lr", "momentum", "weight_decay", "gamma"):
-            value = getattr(self, name)
-            need(
-                is_num(value) and value >= 0,
-                f"{name.replace('_', '-')} must be a number >= 0, got {value!r}",
-            )
-        need(
-            is_int(self.num_workers) and self.num_workers >= 0,
-            f"num-workers must be an integer >= 0, got {self.num_workers!r}",
-        )
-        for name in ("subset_size", "pool_size"):
-            value = getattr(self, name)
-            need(
-                value is None or (is_int(value) and value >= 1),
-                f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}",
-            )
-        need(
-            self.milestones is None
-            or (
-                isinstance(self.milestones, list)
-                and all(is_int(m) and m >= 1 for m in self.milestones)
-            ),
-            f"milestones must be a list of epochs >= 1, got {self.milestones!r}",
-        )
-        need(
-            isinstance(self.strategies, list)
-            and len(self.strategies) > 0
-            and all(isinstance(s, str) for s in self.strategies),
-            "give at least one strategy",
-        )
-        need(
-            len(set(self.strategies)) == len(self.strategies),
-            f"a strategy is listed twice: {self.strategies}",
-        )
-        need(
-            isinstance(self.strategy_params, dict)
-            and all(isinstance(v, dict) for v in self.strategy_params.values()),
-            "strategy_params must map strategy names to mappings of parameters",
-        )
-        need(
-            isinstance(self.keep_models, bool),
-            f"keep-models must be true or false, got {self.keep_models!r}",
-        )
-        need(isinstance(self.dataset, str), "dataset must be a name")
-        need(self.model is None or isinstance(self.model, str), "model must be a name")
-        need(isinstance(self.device, str), "device must be 'cpu', 'cuda' or 'cuda:N'")
+def _part(cls: type[T], config: ExperimentConfig) -> T:
+    """The ``cls`` (a base of ExperimentConfig) holding ``config``'s values of its fields."""
+    return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
 
 def demo_config() -> ExperimentConfig:

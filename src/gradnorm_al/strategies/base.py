@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from ..errors import ConfigError, PoolError, SelectionError
+from ..options import check_arguments
 from ..registry import Registry
 from ..tasks import Task, reduce_elements
 from ..train import Auxiliary
@@ -245,6 +246,7 @@ def create_strategy(spec: str, **params: Any) -> Strategy:
     name, sampler_name = split_spec(spec)
     factory = STRATEGIES.get(name)
     if sampler_name is None:
+        check_arguments(factory, params, f"strategy {name}")  # declared in its signature
         strategy = factory(**params)
     else:
         sampler_factory = SAMPLERS.get(sampler_name)
@@ -255,13 +257,23 @@ def create_strategy(spec: str, **params: Any) -> Strategy:
                 f"{spec}: parameter {sorted(both)[0]!r} is taken by both {name} and "
                 f"{sampler_name}; rename it"
             )
-        strategy = factory(**{k: v for k, v in params.items() if k not in mine})
+        unknown = set(params) - mine - _params_of(factory)
+        if unknown:
+            takes = ", ".join(sorted(mine | _params_of(factory))) or "no parameters"
+            raise ConfigError(
+                f"strategy {spec} does not take {', '.join(sorted(unknown))}; it takes: {takes}"
+            )
+        theirs = {k: v for k, v in params.items() if k not in mine}
+        ours = {k: v for k, v in params.items() if k in mine}
+        check_arguments(factory, theirs, f"strategy {name}")
+        check_arguments(sampler_factory, ours, f"sampler {sampler_name}")
+        strategy = factory(**theirs)
         if not isinstance(strategy, ScoringStrategy) or not strategy.has_scores:
             raise ConfigError(
                 f"strategy {name} has no per-sample scores for a sampler to use; combine a "
                 f"scoring strategy with {sampler_name} (e.g. entropy-gradnorm@{sampler_name})"
             )
-        strategy.sampler = sampler_factory(**{k: v for k, v in params.items() if k in mine})
+        strategy.sampler = sampler_factory(**ours)
     strategy.name = spec
     return strategy
 

@@ -9,6 +9,7 @@ The algorithm is the ``k-center`` sampler (:mod:`.samplers`); core-set is that s
 
 from __future__ import annotations
 
+from ..options import PositiveInt
 from .base import STRATEGIES, ScoringStrategy
 from .samplers import DEFAULT_CHUNK_SIZE, KCenterSampler
 
@@ -19,5 +20,5 @@ class CoreSetStrategy(ScoringStrategy):
 
     has_scores = False
 
-    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+    def __init__(self, chunk_size: PositiveInt = DEFAULT_CHUNK_SIZE) -> None:
         self.sampler = KCenterSampler(chunk_size=chunk_size)

@@ -17,6 +17,7 @@ times and row (b, y) gets the loss CE(f(x_b), y).
 from __future__ import annotations
 
 import warnings
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from .._torch import eval_mode, first_output
 from ..data.batching import iter_batches
 from ..errors import ConfigError
+from ..options import OneOf
 from ..pergrad import FallbackWarning, per_sample_grad_norms
 from ..pergrad.common import LossFn
 from .base import STRATEGIES, ScoringStrategy, SelectionContext
@@ -167,8 +169,7 @@ def _to(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tens
 class EGLStrategy(ScoringStrategy):
     """Top-K candidates by :func:`expected_gradient_lengths`."""
 
-    def __init__(self, norm: str = "l2") -> None:
-        _check_egl_norm(norm)
+    def __init__(self, norm: Annotated[str, OneOf(EGL_NORMS)] = "l2") -> None:
         self.norm = norm
 
     def score(self, ctx: SelectionContext) -> np.ndarray:

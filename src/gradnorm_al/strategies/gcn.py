@@ -50,6 +50,8 @@ its self-loop).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -57,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..options import NonNegativeFloat, PositiveFloat, PositiveInt, Range
 from .base import STRATEGIES, SelectionContext, Strategy, top_k
 from .common import features, seeded_torch
 from .samplers import k_center_greedy
@@ -201,72 +204,22 @@ def uncertain_gcn_scores(
     return (-(s - s_margin).abs()).numpy()
 
 
-def _number(value: object, name: str, strategy: str, example: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(
-            f"{strategy} {name} must be a finite number, got {value!r}; use {example}"
-        )
-    return float(value)
-
-
+@dataclass(eq=False)
 class _SequentialGCNStrategy(Strategy):
-    """Shared part of uncertain-gcn and core-gcn: build the graph, train the GCN."""
+    """Shared part of uncertain-gcn and core-gcn: build the graph, train the GCN.
+
+    The hyper-parameters are the fields (the constructor's keywords), declared once with their
+    constraints, which ``create_strategy`` checks."""
 
     _label = "gcn"
 
-    def __init__(
-        self,
-        hidden: int = DEFAULT_HIDDEN,
-        dropout: float = DEFAULT_DROPOUT,
-        lr: float = DEFAULT_LR,
-        weight_decay: float = DEFAULT_WEIGHT_DECAY,
-        steps: int = DEFAULT_STEPS,
-        lambda_loss: float = DEFAULT_LAMBDA_LOSS,
-        max_candidates: int | None = None,
-    ) -> None:
-        me = self._label
-        for name, value, example in (
-            ("hidden", hidden, DEFAULT_HIDDEN),
-            ("steps", steps, DEFAULT_STEPS),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(
-                    f"{me} {name} must be a positive integer, got {value!r}; use e.g. {example}"
-                )
-        if max_candidates is not None and (
-            isinstance(max_candidates, bool)
-            or not isinstance(max_candidates, int)
-            or max_candidates < 1
-        ):
-            raise ConfigError(
-                f"{me} max_candidates must be a positive integer or null (all candidates), got "
-                f"{max_candidates!r}; use e.g. {PUBLISHED_MAX_CANDIDATES}"
-            )
-        dropout = _number(dropout, "dropout", me, f"{DEFAULT_DROPOUT}")
-        if not 0.0 <= dropout < 1.0:
-            raise ConfigError(
-                f"{me} dropout must be in [0, 1), got {dropout}; use {DEFAULT_DROPOUT}"
-            )
-        lr = _number(lr, "lr", me, f"{DEFAULT_LR}")
-        if lr <= 0:
-            raise ConfigError(f"{me} lr must be positive, got {lr}; use {DEFAULT_LR}")
-        weight_decay = _number(weight_decay, "weight_decay", me, f"{DEFAULT_WEIGHT_DECAY}")
-        if weight_decay < 0:
-            raise ConfigError(
-                f"{me} weight_decay must be >= 0, got {weight_decay}; use {DEFAULT_WEIGHT_DECAY}"
-            )
-        lambda_loss = _number(lambda_loss, "lambda_loss", me, f"{DEFAULT_LAMBDA_LOSS}")
-        if lambda_loss < 0:
-            raise ConfigError(
-                f"{me} lambda_loss must be >= 0, got {lambda_loss}; use {DEFAULT_LAMBDA_LOSS}"
-            )
-        self.hidden = hidden
-        self.dropout = dropout
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.steps = steps
-        self.lambda_loss = lambda_loss
-        self.max_candidates = max_candidates
+    hidden: PositiveInt = DEFAULT_HIDDEN
+    dropout: Annotated[float, Range(ge=0.0, lt=1.0)] = DEFAULT_DROPOUT
+    lr: PositiveFloat = DEFAULT_LR
+    weight_decay: NonNegativeFloat = DEFAULT_WEIGHT_DECAY
+    steps: PositiveInt = DEFAULT_STEPS
+    lambda_loss: NonNegativeFloat = DEFAULT_LAMBDA_LOSS
+    max_candidates: PositiveInt | None = None  # None: every candidate
 
     def fit_graph(
         self, ctx: SelectionContext, k: int
@@ -318,31 +271,14 @@ class _SequentialGCNStrategy(Strategy):
 
 
 @STRATEGIES.register("uncertain-gcn")
+@dataclass(eq=False)
 class UncertainGCNStrategy(_SequentialGCNStrategy):
     """UncertainGCN: the candidates whose labelled-vs-unlabelled GCN score is closest to
     ``s_margin``."""
 
     _label = "uncertain-gcn"
 
-    def __init__(
-        self,
-        hidden: int = DEFAULT_HIDDEN,
-        dropout: float = DEFAULT_DROPOUT,
-        lr: float = DEFAULT_LR,
-        weight_decay: float = DEFAULT_WEIGHT_DECAY,
-        steps: int = DEFAULT_STEPS,
-        lambda_loss: float = DEFAULT_LAMBDA_LOSS,
-        s_margin: float = DEFAULT_S_MARGIN,
-        max_candidates: int | None = None,
-    ) -> None:
-        super().__init__(hidden, dropout, lr, weight_decay, steps, lambda_loss, max_candidates)
-        s_margin = _number(s_margin, "s_margin", self._label, f"{DEFAULT_S_MARGIN}")
-        if not 0.0 <= s_margin <= 1.0:
-            raise ConfigError(
-                f"uncertain-gcn s_margin must be in [0, 1] (a sigmoid score), got {s_margin}; "
-                f"use {DEFAULT_S_MARGIN}"
-            )
-        self.s_margin = s_margin
+    s_margin: Annotated[float, Range(ge=0.0, le=1.0)] = DEFAULT_S_MARGIN  # a sigmoid score
 
     def select(self, ctx: SelectionContext, k: int) -> np.ndarray:
         nodes, scores, _, _ = self.fit_graph(ctx, k)

@@ -17,6 +17,7 @@ Score: the norm of dL/dtheta over every trainable parameter the loss reaches, mo
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -28,12 +29,16 @@ from tqdm.auto import tqdm
 from .._torch import model_device_dtype
 from ..data.batching import iter_batches
 from ..errors import ConfigError
+from ..options import OneOf
 from ..pergrad import per_sample_grad_norms
 from ..pergrad.common import check_norm
 from ..tasks import REDUCTIONS, reduce_elements
 from .base import STRATEGIES, ScoringStrategy, SelectionContext
 
 SCHEMES = ("entropy", "expected")
+#: The norms that give one score per sample (``per-tensor`` gives one per parameter tensor).
+SCALAR_NORMS = ("tensor-sum", "l2")
+ScalarNorm = Annotated[str, OneOf(SCALAR_NORMS)]
 
 
 def entropy_loss(logits: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -142,12 +147,11 @@ def gradnorm_scores(
 class GradnormStrategy(ScoringStrategy):
     """Top-K candidates by :func:`gradnorm_scores`."""
 
-    def __init__(self, scheme: str = "entropy", norm: str = "tensor-sum") -> None:
-        if scheme not in SCHEMES:
-            raise ConfigError(f"unknown scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
-        check_norm(norm)
-        if norm == "per-tensor":
-            raise ConfigError("gradnorm strategies need norm 'tensor-sum' or 'l2'")
+    def __init__(
+        self,
+        scheme: Annotated[str, OneOf(SCHEMES)] = "entropy",
+        norm: ScalarNorm = "tensor-sum",
+    ) -> None:
         self.scheme = scheme
         self.norm = norm
 
@@ -165,12 +169,12 @@ class GradnormStrategy(ScoringStrategy):
 
 
 @STRATEGIES.register("entropy-gradnorm")
-def entropy_gradnorm(norm: str = "tensor-sum") -> GradnormStrategy:
+def entropy_gradnorm(norm: ScalarNorm = "tensor-sum") -> GradnormStrategy:
     """Eq. 7: gradient norm of the prediction entropy."""
     return GradnormStrategy("entropy", norm)
 
 
 @STRATEGIES.register("expected-gradnorm")
-def expected_gradnorm(norm: str = "tensor-sum") -> GradnormStrategy:
+def expected_gradnorm(norm: ScalarNorm = "tensor-sum") -> GradnormStrategy:
     """Eq. 6: gradient norm of the expected cross-entropy (p attached, as published)."""
     return GradnormStrategy("expected", norm)

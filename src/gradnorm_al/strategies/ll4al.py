@@ -31,11 +31,10 @@ top-K (the published code sorts ascending and takes the last K).
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 import weakref
 from collections.abc import Iterator, Sequence
 from functools import partial
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -44,6 +43,7 @@ from torch import nn
 
 from .._torch import eval_mode
 from ..errors import ConfigError
+from ..options import NonNegativeFloat, PositiveInt, Range
 from ..train import Auxiliary
 from .base import STRATEGIES, ScoringStrategy, SelectionContext
 from .common import map_batches
@@ -226,14 +226,6 @@ class LossPredictionAuxiliary(Auxiliary):
         self._features = [None] * len(self._features)
 
 
-def _check_number(name: str, value: float, low: float, high: float = math.inf) -> None:
-    """ConfigError unless ``value`` is a finite real number in ``[low, high]``."""
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real)
-    if not ok or not math.isfinite(value) or not low <= value <= high:
-        bounds = f"in [{low:g}, {high:g}]" if math.isfinite(high) else f"finite and >= {low:g}"
-        raise ConfigError(f"ll4al {name} must be a number {bounds}, got {value!r}")
-
-
 @STRATEGIES.register("ll4al")
 class LL4ALStrategy(ScoringStrategy):
     """Learning loss: select the candidates with the highest loss predicted by the module trained
@@ -250,16 +242,11 @@ class LL4ALStrategy(ScoringStrategy):
 
     def __init__(
         self,
-        margin: float = 1.0,
-        weight: float = 1.0,
-        hidden: int = 128,
-        stop_gradient_fraction: float = 0.6,
+        margin: NonNegativeFloat = 1.0,
+        weight: NonNegativeFloat = 1.0,
+        hidden: PositiveInt = 128,
+        stop_gradient_fraction: Annotated[float, Range(ge=0.0, le=1.0)] = 0.6,
     ) -> None:
-        _check_number("margin", margin, 0.0)
-        _check_number("weight", weight, 0.0)
-        _check_number("stop_gradient_fraction", stop_gradient_fraction, 0.0, 1.0)
-        if isinstance(hidden, bool) or not isinstance(hidden, numbers.Integral) or hidden < 1:
-            raise ConfigError(f"ll4al hidden must be a positive integer, got {hidden!r}")
         self.margin = float(margin)
         self.weight = float(weight)
         self.hidden = int(hidden)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from torch import nn
 
 from .._torch import first_output
 from ..errors import ConfigError
+from ..options import OneOf, Range
 from .base import STRATEGIES, ScoringStrategy, SelectionContext
 from .common import entropy, map_batches, seeded_torch
 
@@ -161,19 +163,12 @@ class MCDropoutStrategy(ScoringStrategy):
         0.5, as in Gal et al. 2017); a model that has dropout keeps its own layers and rates.
     """
 
-    def __init__(self, samples: int = 25, acquisition: str = "bald", p: float = 0.5) -> None:
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
-            raise ConfigError(
-                f"mc-dropout samples must be an integer >= 2 (the number of stochastic passes), "
-                f"got {samples!r}"
-            )
-        if acquisition not in ACQUISITIONS:
-            raise ConfigError(
-                f"unknown mc-dropout acquisition {acquisition!r}; use one of "
-                f"{', '.join(ACQUISITIONS)}"
-            )
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p < 1.0:
-            raise ConfigError(f"mc-dropout p must be a dropout rate in (0, 1), got {p!r}")
+    def __init__(
+        self,
+        samples: Annotated[int, Range(ge=2)] = 25,
+        acquisition: Annotated[str, OneOf(ACQUISITIONS)] = "bald",
+        p: Annotated[float, Range(gt=0.0, lt=1.0)] = 0.5,
+    ) -> None:
         self.samples = samples
         self.acquisition = acquisition
         self.p = float(p)

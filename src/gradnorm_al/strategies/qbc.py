@@ -14,6 +14,7 @@ Committee probabilities are shaped ``[n, C, M]`` (samples, classes, members). Di
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..options import OneOf, Range
 from .base import STRATEGIES, ScoringStrategy, SelectionContext
 from .common import probabilities, seeded_torch
 
@@ -89,16 +91,11 @@ class QBCStrategy(ScoringStrategy):
     """
 
     def __init__(
-        self, members: int = 5, disagreement: str = "vote-entropy", bootstrap: bool = True
+        self,
+        members: Annotated[int, Range(ge=2)] = 5,
+        disagreement: Annotated[str, OneOf(DISAGREEMENTS)] = "vote-entropy",
+        bootstrap: bool = True,
     ) -> None:
-        if isinstance(members, bool) or not isinstance(members, int) or members < 2:
-            raise ConfigError(f"qbc members must be an integer >= 2, got {members!r}")
-        if disagreement not in DISAGREEMENTS:
-            raise ConfigError(
-                f"unknown qbc disagreement {disagreement!r}; use one of {', '.join(DISAGREEMENTS)}"
-            )
-        if not isinstance(bootstrap, bool):
-            raise ConfigError(f"qbc bootstrap must be true or false, got {bootstrap!r}")
         self.members = members
         self.disagreement = disagreement
         self.bootstrap = bootstrap

@@ -15,7 +15,8 @@ YAML, e.g. ``entropy-gradnorm@power``). Registered samplers:
 
 With a scorer, ``k-center`` and ``kmeans++`` first keep the ``prefilter * k`` highest-scoring
 candidates (default 10k) and diversify among them; alone (core-set, badge) they see every
-candidate. Every random choice comes from the context's seeded ``rng``.
+candidate. Every random choice comes from the context's seeded ``rng``. Hyper-parameters are
+declared once, on the constructors' signatures, and checked by ``create_strategy``.
 
 Distances (k-center and k-means++) are exact Euclidean, in float64 on the context's device, through
 ``||a - b||^2 = ||a||^2 + ||b||^2 - 2 <a, b>`` clamped at 0: float64 keeps the cancellation error
@@ -35,11 +36,13 @@ uniformly among the unchosen.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..options import PositiveFloat, PositiveInt, Range
 from .base import SAMPLERS, Sampler, SelectionContext, top_k_positions
 from .common import features, probabilities
 
@@ -238,10 +241,8 @@ def _prefiltered(scores: np.ndarray | None, k: int, prefilter: float) -> np.ndar
     return np.sort(top_k_positions(scores, keep))
 
 
-def _check_prefilter(name: str, prefilter: float) -> float:
-    if isinstance(prefilter, bool) or not isinstance(prefilter, (int, float)) or not prefilter >= 1:
-        raise ConfigError(f"{name} prefilter must be a number >= 1, got {prefilter!r}")
-    return float(prefilter)
+#: at least as many candidates as the budget survive the prefilter
+Prefilter = Annotated[float, Range(ge=1)]
 
 
 @SAMPLERS.register("k-center")
@@ -251,14 +252,8 @@ class KCenterSampler(Sampler):
     name = "k-center"
     needs_scores = False
 
-    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, prefilter: float = 10.0) -> None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ConfigError(
-                f"k-center chunk_size must be a positive integer, got {chunk_size!r}; "
-                f"use e.g. {DEFAULT_CHUNK_SIZE}"
-            )
-        self.chunk_size = chunk_size
-        self.prefilter = _check_prefilter("k-center", prefilter)
+    def __init__(self, chunk_size: PositiveInt = DEFAULT_CHUNK_SIZE, prefilter: Prefilter = 10.0):
+        self.chunk_size, self.prefilter = chunk_size, prefilter
 
     def sample(self, ctx: SelectionContext, k: int, scores: np.ndarray | None) -> np.ndarray:
         keep = _prefiltered(scores, k, self.prefilter)
@@ -276,8 +271,8 @@ class KMeansPPSampler(Sampler):
     name = "kmeans++"
     needs_scores = False
 
-    def __init__(self, prefilter: float = 10.0) -> None:
-        self.prefilter = _check_prefilter("kmeans++", prefilter)
+    def __init__(self, prefilter: Prefilter = 10.0) -> None:
+        self.prefilter = prefilter
 
     def sample(self, ctx: SelectionContext, k: int, scores: np.ndarray | None) -> np.ndarray:
         keep = _prefiltered(scores, k, self.prefilter)
@@ -343,9 +338,7 @@ class StochasticSampler(Sampler):
 
     mode = "softmax"
 
-    def __init__(self, beta: float = 1.0) -> None:
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < math.inf:
-            raise ConfigError(f"{self.mode} sampling beta must be a positive number, got {beta!r}")
+    def __init__(self, beta: PositiveFloat = 1.0) -> None:
         self.beta = float(beta)
         self.name = self.mode
 

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..options import NonNegativeFloat, validate
 from .base import STRATEGIES, ScoringStrategy, SelectionContext
 from .common import probabilities, seeded_torch
 from .vae import (
@@ -123,8 +124,8 @@ class SRAALStrategy(ScoringStrategy):
         num_adv_steps: int = 1,
         lr: float = 5e-4,
         beta: float = 1.0,
-        recon_weight: float = 1.0,
-        classifier_weight: float = 1.0,
+        recon_weight: NonNegativeFloat = 1.0,
+        classifier_weight: NonNegativeFloat = 1.0,
         adversary_param: float = 1.0,
         hidden: int = 512,
     ) -> None:
@@ -141,13 +142,7 @@ class SRAALStrategy(ScoringStrategy):
             adversary_param=adversary_param,
             hidden=hidden,
         )
-        self.config.validate("sraal")
-        for key, value in (
-            ("recon_weight", recon_weight),
-            ("classifier_weight", classifier_weight),
-        ):
-            if not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
-                raise ConfigError(f"sraal: {key} must be a number >= 0, got {value!r}")
+        validate(self.config, "strategy sraal")
         self.recon_weight = float(recon_weight)
         self.classifier_weight = float(classifier_weight)
         #: losses of the last selection's training, for inspection

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..options import validate
 from .base import STRATEGIES, ScoringStrategy, SelectionContext
 from .common import seeded_torch
 from .vae import (
@@ -73,7 +74,7 @@ class VAALStrategy(ScoringStrategy):
             adversary_param=adversary_param,
             hidden=hidden,
         )
-        self.config.validate("vaal")
+        validate(self.config, "strategy vaal")
         #: losses of the last selection's training, for inspection
         self.history: StepLosses | None = None
 

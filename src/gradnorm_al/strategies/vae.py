@@ -58,9 +58,9 @@ carry information within a short training.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -70,6 +70,7 @@ from torch.utils.data import Dataset
 
 from ..data.batching import iter_batches
 from ..errors import ConfigError, PoolError
+from ..options import NonNegativeFloat, PositiveFloat, PositiveInt, Range
 from .base import SelectionContext
 from .common import map_batches
 
@@ -236,43 +237,22 @@ class AdversarialConfig:
     beta : weight of the KL term (1).
     adversary_param : weight of the adversarial term in the VAE loss (1; lambda2 in the paper).
     hidden : discriminator hidden width (512).
+
+    The constraints are declared in the annotations; :func:`gradnorm_al.options.validate` checks
+    them.
     """
 
-    iterations: int | None = 100
-    epochs: int = 100
-    batch_size: int = 128
-    latent_dim: int = 32
-    width: int = 128
-    num_vae_steps: int = 2
-    num_adv_steps: int = 1
-    lr: float = 5e-4
-    beta: float = 1.0
-    adversary_param: float = 1.0
-    hidden: int = 512
-
-    def validate(self, name: str) -> None:
-        """Raise ConfigError naming the strategy ``name`` and the bad value."""
-        positive = ["epochs", "batch_size", "latent_dim", "width", "num_vae_steps", "hidden"]
-        if self.iterations is not None:
-            positive.append("iterations")
-        for key in positive:
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ConfigError(f"{name}: {key} must be a positive integer, got {value!r}")
-        if (
-            isinstance(self.num_adv_steps, bool)
-            or not isinstance(self.num_adv_steps, (int, np.integer))
-            or self.num_adv_steps < 0
-        ):
-            raise ConfigError(
-                f"{name}: num_adv_steps must be an integer >= 0, got {self.num_adv_steps!r}"
-            )
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"{name}: lr must be a positive number, got {self.lr!r}")
-        for key in ("beta", "adversary_param"):
-            value = getattr(self, key)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ConfigError(f"{name}: {key} must be a number >= 0, got {value!r}")
+    iterations: PositiveInt | None = 100
+    epochs: PositiveInt = 100
+    batch_size: PositiveInt = 128
+    latent_dim: PositiveInt = 32
+    width: PositiveInt = 128
+    num_vae_steps: PositiveInt = 2
+    num_adv_steps: Annotated[int, Range(ge=0)] = 1
+    lr: PositiveFloat = 5e-4
+    beta: NonNegativeFloat = 1.0
+    adversary_param: NonNegativeFloat = 1.0
+    hidden: PositiveInt = 512
 
     def resolved_iterations(self, pool_size: int) -> int:
         """``iterations``, or the published ``(pool_size * epochs) // batch_size`` (at least 1)."""
