@@ -217,7 +217,13 @@ def test_run_results_csv(full_run: tuple[Outcome, Path]) -> None:
 def test_run_selections_jsonl(full_run: tuple[Outcome, Path]) -> None:
     _, out = full_run
     selections = read_selections(out / "selections.jsonl")
-    assert all(set(s) == {"strategy", "trial", "cycle", "indices"} for s in selections)
+    base = {"strategy", "trial", "cycle", "indices"}
+    for s in selections:  # the scores of the selected samples where the strategy has scores
+        assert set(s) == (base if s["strategy"] == "random" else base | {"scores"})
+        if "scores" in s:
+            assert len(s["scores"]) == len(s["indices"]) and s["scores"] == sorted(
+                s["scores"], reverse=True
+            )
     keys = [(s["strategy"], s["trial"], s["cycle"]) for s in selections]
     assert len(keys) == len(BOTH) * TRIALS * (CYCLES - 1)  # no selection in the last cycle
     assert set(keys) == set(itertools.product(BOTH, range(TRIALS), range(CYCLES - 1)))
