@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import gradnorm_al.loop
+import gradnorm_al.learner
 from gradnorm_al.cli import main
 from gradnorm_al.experiment.checkpoint import load_state, state_path
 
@@ -61,9 +61,11 @@ def test_a_run_killed_mid_cycle_resumes_to_the_uninterrupted_results(tmp_path, m
     assert len(_rows(killed)) <= finished  # results.csv never runs ahead of the checkpoints
 
     fits = []
-    real_fit = gradnorm_al.loop.fit
+    real_fit = gradnorm_al.learner.ActiveLearner.fit
     monkeypatch.setattr(
-        gradnorm_al.loop, "fit", lambda *a, **k: fits.append(1) or real_fit(*a, **k)
+        gradnorm_al.learner.ActiveLearner,
+        "fit",
+        lambda *a, **k: fits.append(1) or real_fit(*a, **k),
     )
     assert main(["run", "--resume", str(killed), "--quiet"]) == 0
     assert len(fits) == total_cycles - finished  # no finished cycle is trained again
@@ -78,8 +80,10 @@ def test_checkpoints_hold_the_trial_state_and_load_with_weights_only(tmp_path):
     assert main([*args, "--out", str(out)]) == 0
     state = load_state(state_path(out, "random", 0), strategy="random", trial=0, seed=3)
     assert state.next_cycle == 3 and len(state.records) == 3
-    assert state.model is None  # a finished trial keeps its records and pool, not its weights
-    assert sum(c >= 0 for c in state.pool["labeled_at"]) == state.records[-1].num_labeled
+    assert state.learner["model"] is None  # a finished trial keeps records, pool, labels
+    labeled_at = state.learner["pool"]["labeled_at"]
+    assert sum(c >= 0 for c in labeled_at) == len(state.learner["labels"])
+    assert sum(c >= 0 for c in labeled_at) == state.records[-1].num_labeled
     # resuming a finished run recomputes nothing and keeps the results
     before = _rows(out)
     assert main(["run", "--resume", str(out), "--quiet"]) == 0
