@@ -1,4 +1,5 @@
-"""Shared fixtures: small real data (a slice of scikit-learn's digits) and tiny models."""
+"""Shared fixtures: small real data (a slice of scikit-learn's digits), tiny models, and the one
+float comparison of computed tensors (against the scale of the whole quantity)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,42 @@ class TwoHeads(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.body(x)
         return self.head(h), h
+
+
+def _as_float64(x) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", torch.float64)
+    return torch.as_tensor(np.asarray(x, dtype=np.float64))
+
+
+def assert_close_to_scale(
+    actual, expected, *, rel: float, scale: float | None = None, msg: object = ""
+) -> None:
+    """Every entry of ``actual`` is within ``rel * scale`` of ``expected`` (same shape), where the
+    scale is that of the whole quantity: ``max |expected|`` over every entry, in float64, unless
+    given (pass it when ``expected`` is zero in exact arithmetic).
+
+    Why not entry by entry: an entry that is zero in exact arithmetic (a bias followed by a
+    normalisation, a detached-p gradient) is rounding noise whose size depends on the machine, so
+    a relative error per entry or column passes on one machine and fails on another. Against the
+    scale of the whole gradient or score vector a correct float64 computation agrees to ~1e-12.
+    Accepts tensors, arrays and sequences; ``msg`` prefixes the failure message.
+    """
+    a, e = _as_float64(actual), _as_float64(expected)
+    assert a.shape == e.shape, f"shape {tuple(a.shape)} != expected {tuple(e.shape)}"
+    if not e.numel():
+        return
+    scale = float(e.abs().max() if scale is None else scale)
+    assert scale > 0 and np.isfinite(scale), f"the scale must be positive and finite, not {scale}"
+    assert torch.isfinite(a).all(), "actual has non-finite entries"
+    err = (a - e).abs()
+    worst = int(err.flatten().argmax())
+    ratio = float(err.max()) / scale
+    worst_a, worst_e = float(a.flatten()[worst]), float(e.flatten()[worst])
+    assert ratio <= rel, (
+        f"{msg}{': ' if msg else ''}max |actual - expected| = {ratio:.3g} x the scale {scale:.3g}"
+        f" > {rel:g} (worst at flat index {worst}: {worst_a!r} vs {worst_e!r})"
+    )
 
 
 def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:

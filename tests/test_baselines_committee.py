@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import bundle_trial, make_context, randomise_bn
+from conftest import assert_close_to_scale, bundle_trial, make_context, randomise_bn
 from torch import nn
 
 from gradnorm_al import ConfigError, create_model, create_strategy
@@ -65,8 +65,8 @@ def test_bald_max_entropy_variation_ratio_hand_computed():
         dtype=torch.float64,
     )
     h_mean3 = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))  # mean = [.75, .25]
-    assert torch.allclose(bald_scores(probs), torch.tensor([LN2, 0.0, h_mean3 - LN2 / 2]).double())
-    assert torch.allclose(max_entropy_scores(probs), torch.tensor([LN2, LN2, h_mean3]).double())
+    assert_close_to_scale(bald_scores(probs), [LN2, 0.0, h_mean3 - LN2 / 2], rel=1e-12)
+    assert_close_to_scale(max_entropy_scores(probs), [LN2, LN2, h_mean3], rel=1e-12)
     # votes: (0, 1) -> 1 - 1/2; (0, 0) ties go to class 0 -> 0; (0, 0) -> 0
     assert variation_ratio_scores(probs).tolist() == [0.5, 0.0, 0.0]
     # T = 4, C = 3: votes 0, 0, 1, 2 -> modal count 2 -> 1 - 2/4; numpy input accepted
@@ -90,7 +90,7 @@ def test_bald_matches_a_slow_reference_and_is_never_negative():
                   for t in range(6)]  # fmt: skip
         ref.append(h_mean - sum(h_each) / 6)
     ours = bald_scores(probs)
-    assert torch.allclose(ours, torch.tensor(ref, dtype=torch.float64), atol=1e-12)
+    assert_close_to_scale(ours, ref, rel=1e-12)
     assert ours[0] == 0.0 and (ours >= 0).all()
 
 
@@ -350,20 +350,18 @@ def test_mc_dropout_loop_trains_with_the_inserted_dropout(small_digits):
 def test_vote_entropy_and_mean_kl_hand_computed():
     votes = torch.tensor([[0, 0, 1, 2], [1, 1, 1, 1], [3, 0, 3, 0]])  # [n=3, M=4]
     expected = [1.5 * LN2, 0.0, LN2]  # -(.5 ln .5 + 2 * .25 ln .25); 0; two classes half each
-    assert torch.allclose(vote_entropy_scores(votes), torch.tensor(expected).double())
-    assert torch.allclose(
-        vote_entropy_scores(votes, num_classes=10), torch.tensor(expected).double()
-    )
+    assert_close_to_scale(vote_entropy_scores(votes), expected, rel=1e-12)
+    assert_close_to_scale(vote_entropy_scores(votes, num_classes=10), expected, rel=1e-12)
     # probabilities vote with their argmax
     probs = F.one_hot(votes, 4).permute(0, 2, 1).double() * 0.7 + 0.075  # [3, 4, 4]
-    assert torch.allclose(vote_entropy_scores(probs), torch.tensor(expected).double())
+    assert_close_to_scale(vote_entropy_scores(probs), expected, rel=1e-12)
     with pytest.raises(ValueError, match="integer votes"):
         vote_entropy_scores(votes.double())
 
     # [n=2, C=2, M=2]: p_1 = [1, 0], p_2 = [0, 1]; p_1 = [.5, .5], p_2 = [1, 0]
     probs = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.5, 1.0], [0.5, 0.0]]], dtype=torch.float64)
     kl2 = (0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25) + math.log(1 / 0.75)) / 2
-    assert torch.allclose(mean_kl_scores(probs), torch.tensor([LN2, kl2]).double())
+    assert_close_to_scale(mean_kl_scores(probs), [LN2, kl2], rel=1e-12)
 
 
 def test_mean_kl_matches_a_slow_reference_and_equals_the_mutual_information():
@@ -380,8 +378,8 @@ def test_mean_kl_matches_a_slow_reference_and_equals_the_mutual_information():
             / 4
         )
     ours = mean_kl_scores(probs)
-    assert torch.allclose(ours, torch.tensor(ref, dtype=torch.float64), atol=1e-12)
-    assert torch.allclose(ours, bald_scores(probs), atol=1e-12)  # Jensen-Shannon = BALD
+    assert_close_to_scale(ours, ref, rel=1e-12)
+    assert_close_to_scale(ours, bald_scores(probs), rel=1e-12)  # Jensen-Shannon = BALD
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close_to_scale
 
 from gradnorm_al.cli import main
 from gradnorm_al.errors import RunDirectoryError
@@ -196,19 +197,22 @@ def test_influence_terms_against_independent_autograd(reader, at):
     assert float(residual.norm() / g_norm) < 2e-4
     # Target: one backward per candidate (first 12)
     x, y = _pool(reader, view.candidates[:12])
+    expected = []
     for i in range(12):
         g = torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params)
-        expected = sum(float((gi.double() * si.double()).sum()) for gi, si in zip(g, s))
-        assert t["target"][i] == pytest.approx(expected, rel=1e-4, abs=1e-6 * t["s_norm"])
+        expected.append(sum(float((gi.double() * si.double()).sum()) for gi, si in zip(g, s)))
+    # float32 gradients: agreement to float32 accuracy at the scale of the whole vector
+    assert_close_to_scale(np.asarray(t["target"])[:12], expected, rel=1e-5)
     # Cauchy-Schwarz: |Approx-1| <= Approx-2; Approx-3 is ||s|| times the l2 score at T^c, and
     # the run's (tensor-sum) score at T^c reproduces the selection
-    assert np.all(np.abs(t["approx1"]) <= t["approx2"] * (1 + 1e-5))
+    slack = 1e-5 * float(np.max(t["approx2"]))
+    assert np.all(np.abs(t["approx1"]) <= np.asarray(t["approx2"]) + slack)
     selecting = reader.model(strategy, trial, cycle)
     x_all, _ = _pool(reader, view.candidates)
     l2 = gradnorm_scores(selecting, x_all, scheme="entropy", norm="l2").numpy()
-    np.testing.assert_allclose(t["approx3"], t["s_norm"] * l2, rtol=1e-6)
+    assert_close_to_scale(t["approx3"], t["s_norm"] * l2, rel=1e-6)
     if at == "selection":
-        np.testing.assert_allclose(t["approx2"], t["approx3"], rtol=1e-6)
+        assert_close_to_scale(t["approx2"], t["approx3"], rel=1e-6)
     k = len(view.selected)
     np.testing.assert_array_equal(top_k(t["eq5"], view.candidates, k), view.selected)
 
