@@ -18,8 +18,9 @@ import torch
 from conftest import make_context
 from torch import nn
 
+from gradnorm_al.errors import ConfigError
 from gradnorm_al.models import create_model
-from gradnorm_al.strategies import STRATEGIES, create_strategy
+from gradnorm_al.strategies import SAMPLERS, STRATEGIES, create_strategy
 from gradnorm_al.train import TrainConfig, fit
 
 # Tiny hyper-parameters for strategies that train or sample something; a strategy not listed
@@ -69,10 +70,20 @@ def _assert_unchanged(module: nn.Module | None, before, what: str) -> None:
         assert torch.equal(value, before[0][key]), f"{what}: {key} changed"
 
 
-def _select(name: str, bundle, *, check_unchanged: bool = False) -> np.ndarray:
+def _select(
+    name: str,
+    bundle,
+    *,
+    check_unchanged: bool = False,
+    scores: np.ndarray | None = None,
+    only_scores: bool = False,
+) -> np.ndarray:
     """Everything from fixed seeds: strategy, task model (+ auxiliary) trained on LABELED, a
-    context with a trainer, one selection of K."""
-    strategy = create_strategy(name, **TINY.get(name, {}))
+    context with a trainer, one selection of K. ``scores``: the scorer's own scores, computed
+    once before (the scorer part of a SCORER@SAMPLER pair then only hands them to its sampler)."""
+    strategy = create_strategy(name, **TINY.get(name.split("@")[0], {}))
+    if scores is not None:
+        strategy.score = lambda ctx: scores
     model = _build(strategy, model_seed=0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
@@ -95,6 +106,8 @@ def _select(name: str, bundle, *, check_unchanged: bool = False) -> np.ndarray:
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(4)  # the loop seeds torch for the selection too
+        if only_scores:
+            return strategy.score(ctx)
         chosen = selected_indices(strategy(ctx, K))
     if check_unchanged:
         _assert_unchanged(model, before, f"{name}: the task model")
@@ -112,3 +125,29 @@ def test_every_strategy_keeps_the_selection_contract(name, small_digits):
     # (b) deterministic: rebuilt from the same seeds, the same selection (order included)
     again = _select(name, small_digits)
     np.testing.assert_array_equal(again, first)
+
+
+def _scorers() -> list[str]:
+    return [n for n in STRATEGIES.names() if getattr(create_strategy(n), "has_scores", False)]
+
+
+PAIRS = [(s, m) for s in _scorers() for m in SAMPLERS.names() if m != "top-k"]
+_SCORES: dict[str, np.ndarray] = {}
+
+
+@pytest.mark.parametrize("scorer, sampler", PAIRS)
+def test_every_scorer_with_every_sampler_keeps_the_contract(scorer, sampler, small_digits):
+    """The scorer's scores (its own contract is above) through every sampler: k distinct
+    candidates, seeded, the model left as it was by the sampler's own passes (features)."""
+    name = f"{scorer}@{sampler}"
+    if sampler == "power" and not create_strategy(scorer).nonnegative_scores:
+        with pytest.raises(ConfigError, match="non-negative"):
+            create_strategy(name)  # refused before any training, by design
+        return
+    if scorer not in _SCORES:
+        _SCORES[scorer] = np.asarray(_select(scorer, small_digits, only_scores=True))
+    scores = _SCORES[scorer]
+    first = _select(name, small_digits, check_unchanged=True, scores=scores)
+    assert first.shape == (K,) and len(np.unique(first)) == K
+    assert np.isin(first, CANDIDATES).all()
+    np.testing.assert_array_equal(_select(name, small_digits, scores=scores), first)

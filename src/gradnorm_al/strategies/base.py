@@ -124,6 +124,7 @@ class Sampler:
 
     name: str = "sampler"
     needs_scores: bool = True
+    needs_nonnegative_scores: bool = False
 
     def sample(self, ctx: SelectionContext, k: int, scores: np.ndarray | None) -> np.ndarray:
         """int64 [k] distinct positions into ``ctx.candidates``, in pick order."""
@@ -146,6 +147,8 @@ class ScoringStrategy(Strategy):
 
     sampler: Sampler = TopK()
     has_scores: bool = True
+    #: whether every score is >= 0 (samplers with weights ``s ** beta`` need it)
+    nonnegative_scores: bool = False
 
     def score(self, ctx: SelectionContext) -> np.ndarray | None:
         """float64 [M]: one utility per candidate, in the order of ``ctx.candidates``."""
@@ -274,6 +277,11 @@ def create_strategy(spec: str, **params: Any) -> Strategy:
                 f"scoring strategy with {sampler_name} (e.g. entropy-gradnorm@{sampler_name})"
             )
         strategy.sampler = sampler_factory(**ours)
+        if strategy.sampler.needs_nonnegative_scores and not strategy.nonnegative_scores:
+            raise ConfigError(
+                f"sampler {sampler_name} needs non-negative scores (weights s ** beta) and "
+                f"{name}'s can be negative: use softmax or soft-rank sampling"
+            )
     strategy.name = spec
     return strategy
 

@@ -169,6 +169,8 @@ def _to(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tens
 class EGLStrategy(ScoringStrategy):
     """Top-K candidates by :func:`expected_gradient_lengths`."""
 
+    nonnegative_scores = True  # norms, entropies, disagreements
+
     def __init__(self, norm: Annotated[str, OneOf(EGL_NORMS)] = "l2") -> None:
         self.norm = norm
 

@@ -147,6 +147,8 @@ def gradnorm_scores(
 class GradnormStrategy(ScoringStrategy):
     """Top-K candidates by :func:`gradnorm_scores`."""
 
+    nonnegative_scores = True  # norms, entropies, disagreements
+
     def __init__(
         self,
         scheme: Annotated[str, OneOf(SCHEMES)] = "entropy",

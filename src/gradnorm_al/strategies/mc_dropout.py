@@ -163,6 +163,8 @@ class MCDropoutStrategy(ScoringStrategy):
         0.5, as in Gal et al. 2017); a model that has dropout keeps its own layers and rates.
     """
 
+    nonnegative_scores = True  # norms, entropies, disagreements
+
     def __init__(
         self,
         samples: Annotated[int, Range(ge=2)] = 25,

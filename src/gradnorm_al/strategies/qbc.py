@@ -90,6 +90,8 @@ class QBCStrategy(ScoringStrategy):
     (which is not a member) and are trained one at a time, so only one is held in memory.
     """
 
+    nonnegative_scores = True  # norms, entropies, disagreements
+
     def __init__(
         self,
         members: Annotated[int, Range(ge=2)] = 5,

@@ -359,6 +359,7 @@ class PowerSampler(StochasticSampler):
     """Weights ``score ** beta`` (scores >= 0)."""
 
     mode = "power"
+    needs_nonnegative_scores = True
 
 
 @SAMPLERS.register("soft-rank")

@@ -67,6 +67,8 @@ class _ProbabilityScoring(ScoringStrategy):
 class EntropyStrategy(_ProbabilityScoring):
     """The candidates with the highest predictive entropy."""
 
+    nonnegative_scores = True  # norms, entropies, disagreements
+
     formula = staticmethod(entropy_scores)
 
 
@@ -80,5 +82,7 @@ class MarginStrategy(_ProbabilityScoring):
 @STRATEGIES.register("least-confidence")
 class LeastConfidenceStrategy(_ProbabilityScoring):
     """The candidates whose most likely class has the lowest probability."""
+
+    nonnegative_scores = True  # norms, entropies, disagreements
 
     formula = staticmethod(least_confidence_scores)
