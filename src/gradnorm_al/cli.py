@@ -343,7 +343,7 @@ def _presets() -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .experiment.html_report import write_report
+    from .experiment import write_report
 
     if args.out is None and len(args.runs) > 1:
         raise ConfigError("several run folders are merged into a new one: give --out DIR")

@@ -17,6 +17,7 @@ from ..errors import ConfigError, RunDirectoryError
 from ..loop import run_trial
 from ..models import MODELS, create_model
 from ..pergrad.common import check_norm
+from ..reports.summary import write_summary
 from ..seeding import POOL_SUBSET, rng
 from ..strategies import STRATEGIES, accepted_params, create_strategy
 from .checkpoint import (
@@ -29,7 +30,6 @@ from .checkpoint import (
     state_path,
 )
 from .config import ExperimentConfig
-from .report import write_summary
 from .results import RESULTS_FILE, SELECTIONS_FILE, ResultsStore
 
 CONFIG_FILE = "config.yaml"
