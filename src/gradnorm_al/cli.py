@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+from .analyses import ANALYSES, QUIET, Option
 from .errors import ConfigError, GradnormALError
 
 EXIT_USAGE = 2
@@ -26,15 +28,6 @@ def _int(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def _damping(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -189,115 +182,61 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", help="the paper's analyses over a run folder")
     kinds = analyze.add_subparsers(dest="analysis", metavar="ANALYSIS", parser_class=_Parser)
     kinds.required = True
-    for name, what in (
-        ("generalization-gap", "training minus test accuracy per strategy and cycle (Table 3)"),
-        ("timing", "training and selection time per strategy and cycle (Appendix A.7)"),
-        ("topk-overlap", "selected samples among the top-K by true-label gradient norm (Table 1)"),
-        ("influence", "Eq. 3's influence term vs the gradient norm (Table 2, Fig. 3)"),
-        ("gradnorm-decrease", "selected samples whose gradient norm fell after training (A.2)"),
-    ):
-        kind = kinds.add_parser(name, help=what)
+    for name in ANALYSES:
+        analysis = ANALYSES.get(name)
+        kind = kinds.add_parser(name, help=analysis.help)
         kind.add_argument("run", metavar="DIR", help="a run folder")
         kind.add_argument(
             "--out", metavar="DIR", default=None, help="where to write (default DIR/analysis)"
         )
-        if name in MODEL_ANALYSES:
-            kind.add_argument(
-                "--device", default=None, help="cpu, cuda or cuda:N (default: the run's device)"
-            )
-            kind.add_argument("--quiet", action="store_true", help="no progress lines")
-        if name in ("topk-overlap", "gradnorm-decrease"):
-            kind.add_argument(
-                "--norm",
-                choices=["tensor-sum", "l2"],
-                default=None,
-                help="gradient-norm aggregation (default: the run's --norm)",
-            )
-        if name == "influence":
-            kind.add_argument(
-                "--damping",
-                type=_damping,
-                default="auto",
-                help="lambda of (H + lambda I)^-1: a number >= 0, or auto (twice the magnitude "
-                "of H's most negative eigenvalue, estimated by Lanczos; default)",
-            )
-            kind.add_argument(
-                "--at",
-                choices=["next", "selection"],
-                default="next",
-                help="the model Eq. 3 is evaluated at: next = T^(c+1), trained after the "
-                "selection (default); selection = T^c, which selected",
-            )
-            kind.add_argument(
-                "--curvature",
-                choices=["hessian", "gauss-newton"],
-                default="hessian",
-                help="H: the Hessian of the mean training loss (default) or its positive "
-                "semi-definite Gauss-Newton part",
-            )
-            kind.add_argument(
-                "--cg-tol",
-                type=float,
-                default=1e-4,
-                help="conjugate gradient stops at this relative residual (default 1e-4)",
-            )
-            kind.add_argument(
-                "--cg-max-iter", type=_int, default=200, help="CG iteration cap (default 200)"
-            )
-            kind.add_argument(
-                "--eval-samples",
-                type=_int,
-                default=None,
-                help="held-out test samples j averaged in Eq. 3 (default: the whole test set)",
-            )
-            kind.add_argument(
-                "--hessian-samples",
-                type=_int,
-                default=None,
-                help="labelled samples the Hessian is averaged over (default: all of them)",
-            )
+        for option in analysis.options:
+            _add_option(kind, option)
     return parser
 
 
-MODEL_ANALYSES = ("topk-overlap", "influence", "gradnorm-decrease")
+def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """The argparse ``type`` for an option declared with ``parse`` (text -> value): integers
+    get :func:`_int`'s message, other types (``float``) argparse's own, and a function's
+    ValueError becomes the one-line error."""
+    if parse is int:
+        return _int
+    if isinstance(parse, type):
+        return parse
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return convert
+
+
+def _add_option(parser: argparse.ArgumentParser, option: Option) -> None:
+    if option.switch:
+        parser.add_argument(option.flag, dest=option.dest, action="store_true", help=option.help)
+        return
+    extra = {}
+    if option.parse is not None:
+        extra["type"] = _argument_type(option.parse)
+    if option.choices is not None:
+        extra["choices"] = list(option.choices)
+    parser.add_argument(
+        option.flag, dest=option.dest, default=option.default, help=option.help, **extra
+    )
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from .experiment import analyses
-    from .experiment.runner import read_run_config
-
-    out = Path(args.out) if args.out is not None else None
-    if args.analysis == "generalization-gap":
-        print(analyses.write_generalization_gap(Path(args.run), out), end="")
-        return 0
-    if args.analysis == "timing":
-        subset = read_run_config(args.run).subset_size
-        print(analyses.write_timing(Path(args.run), subset, out), end="")
-        return 0
-    from .experiment import model_analyses
-    from .experiment.replay import RunReader
+    analysis = ANALYSES.get(args.analysis)
+    values = {option.dest: getattr(args, option.dest) for option in analysis.options}
+    quiet = values.pop(QUIET.dest, False)  # printing is the command line's business
 
     def log(message: str) -> None:
-        if not args.quiet:
+        if not quiet:
             print(message, file=sys.stderr, flush=True)
 
-    reader = RunReader(args.run, device=args.device)
-    if args.analysis == "topk-overlap":
-        md = model_analyses.write_topk_overlap(reader, out, args.norm, log)
-    elif args.analysis == "gradnorm-decrease":
-        md = model_analyses.write_gradnorm_decrease(reader, out, args.norm, log)
-    else:
-        settings = model_analyses.InfluenceSettings(
-            damping=args.damping,
-            curvature=args.curvature,
-            tol=args.cg_tol,
-            max_iter=args.cg_max_iter,
-            eval_samples=args.eval_samples,
-            hessian_samples=args.hessian_samples,
-            at=args.at,
-        )
-        md = model_analyses.write_influence(reader, out, settings, log)
-    print(md, end="")
+    out = Path(args.out) if args.out is not None else None
+    print(analysis.run(Path(args.run), out, log, **values), end="")
     return 0
 
 

@@ -20,15 +20,15 @@ from torch import nn
 
 from ..data import DatasetBundle, load_dataset
 from ..errors import RunDirectoryError
+from ..experiment.checkpoint import MODELS_DIR, load_model, model_path
+from ..experiment.config import ExperimentConfig
+from ..experiment.results import RESULTS_FILE, SELECTIONS_FILE, read_results
+from ..experiment.runner import read_run_config, resolve_device, strategy_kwargs
 from ..loop import cycle_candidates
 from ..models import create_model
 from ..pool import Pool
 from ..seeding import INIT_POOL, POOL_SUBSET, rng
 from ..strategies import Strategy, create_strategy
-from .checkpoint import MODELS_DIR, load_model, model_path
-from .config import ExperimentConfig
-from .results import RESULTS_FILE, SELECTIONS_FILE, read_results
-from .runner import read_run_config, resolve_device, strategy_kwargs
 
 
 @dataclass(frozen=True)
@@ -160,3 +160,9 @@ class RunReader:
         net = self.strategy(strategy).prepare_model(net)
         net.load_state_dict(state)
         return net.to(self.device).eval()
+
+
+def loss_scheme(reader: RunReader, strategy: str) -> str:
+    """The unsupervised loss whose gradient norm a strategy is judged by: a gradnorm strategy's
+    own; for the others the entropy (equal, value and gradient, to the published expected loss)."""
+    return getattr(reader.strategy(strategy), "scheme", "entropy")
