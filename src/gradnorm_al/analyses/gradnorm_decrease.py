@@ -13,7 +13,7 @@ from torch.utils.data import Subset
 from ..errors import RunDirectoryError
 from ..strategies.gradnorm import gradnorm_scores
 from .base import DEVICE, NORM, QUIET, Log, progress, register_analysis
-from .replay import RunReader, loss_scheme
+from .replay import RunReader, loss_scheme, on_replayed_run
 from .tables import pivot, plus_minus, summarise_trials, to_csv, write_tables
 
 
@@ -98,12 +98,8 @@ def write_gradnorm_decrease(
     return md
 
 
-@register_analysis(
+run_gradnorm_decrease = register_analysis(
     "gradnorm-decrease",
     "selected samples whose gradient norm fell after training (A.2)",
     options=(DEVICE, QUIET, NORM),
-)
-def run_gradnorm_decrease(
-    run_dir: Path, out_dir: Path | None, log: Log, *, device: str | None, norm: str | None
-) -> str:
-    return write_gradnorm_decrease(RunReader(run_dir, device=device), out_dir, norm, log)
+)(on_replayed_run(write_gradnorm_decrease))

@@ -447,22 +447,12 @@ def run_influence(
     log: Log,
     *,
     device: str | None,
-    damping: float | str,
-    at: str,
-    curvature: str,
     cg_tol: float,
     cg_max_iter: int,
-    eval_samples: int | None,
-    hessian_samples: int | None,
+    **settings: Any,
 ) -> str:
+    """``--cg-tol`` and ``--cg-max-iter`` are the settings' tol and max_iter; the other options
+    are :class:`InfluenceSettings` fields by name."""
     reader = RunReader(run_dir, device=device)
-    settings = InfluenceSettings(
-        damping=damping,
-        curvature=curvature,
-        tol=cg_tol,
-        max_iter=cg_max_iter,
-        eval_samples=eval_samples,
-        hessian_samples=hessian_samples,
-        at=at,
-    )
-    return write_influence(reader, out_dir, settings, log)
+    full = InfluenceSettings(tol=cg_tol, max_iter=cg_max_iter, **settings)
+    return write_influence(reader, out_dir, full, log)

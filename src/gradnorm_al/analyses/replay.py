@@ -10,9 +10,11 @@ them.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +31,7 @@ from ..models import create_model
 from ..pool import Pool
 from ..seeding import INIT_POOL, POOL_SUBSET, rng
 from ..strategies import Strategy, create_strategy
+from .base import Log
 
 
 @dataclass(frozen=True)
@@ -166,3 +169,16 @@ def loss_scheme(reader: RunReader, strategy: str) -> str:
     """The unsupervised loss whose gradient norm a strategy is judged by: a gradnorm strategy's
     own; for the others the entropy (equal, value and gradient, to the published expected loss)."""
     return getattr(reader.strategy(strategy), "scheme", "entropy")
+
+
+def on_replayed_run(write: Callable[..., str]) -> Callable[..., str]:
+    """The run function of an analysis (see :class:`~.base.Analysis`) from its
+    ``write(reader, out_dir, ..., log=...)``: the run folder is opened as a :class:`RunReader` on
+    the ``device`` option's device, the other options go to ``write`` by name."""
+
+    def run(
+        run_dir: Path, out_dir: Path | None, log: Log, *, device: str | None, **options: Any
+    ) -> str:
+        return write(RunReader(run_dir, device=device), out_dir, log=log, **options)
+
+    return run

@@ -19,7 +19,7 @@ from ..errors import RunDirectoryError
 from ..pergrad import per_sample_grad_norms
 from ..strategies.base import top_k
 from .base import DEVICE, NORM, QUIET, Log, progress, register_analysis
-from .replay import RunReader
+from .replay import RunReader, on_replayed_run
 from .tables import pivot, plus_minus, summarise_trials, to_csv, write_tables
 
 
@@ -115,12 +115,8 @@ def write_topk_overlap(
     return md
 
 
-@register_analysis(
+run_topk_overlap = register_analysis(
     "topk-overlap",
     "selected samples among the top-K by true-label gradient norm (Table 1)",
     options=(DEVICE, QUIET, NORM),
-)
-def run_topk_overlap(
-    run_dir: Path, out_dir: Path | None, log: Log, *, device: str | None, norm: str | None
-) -> str:
-    return write_topk_overlap(RunReader(run_dir, device=device), out_dir, norm, log)
+)(on_replayed_run(write_topk_overlap))
