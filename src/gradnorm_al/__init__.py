@@ -7,6 +7,7 @@ The main entry points:
 * the registries ``DATASETS``, ``MODELS``, ``STRATEGIES``.
 """
 
+from ._version import __version__ as __version__
 from .data import DATASETS, DatasetBundle, load_dataset
 from .errors import (
     ConfigError,
@@ -21,8 +22,6 @@ from .models import MODELS, create_model
 from .pergrad import per_sample_grad_norms
 from .pool import Pool
 from .strategies import STRATEGIES, create_strategy, gradnorm_scores
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DATASETS",

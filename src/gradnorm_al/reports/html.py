@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .._version import __version__
 from ..atomic import atomic_write_text
 from ..errors import RunDirectoryError
 from .merge import IncompleteCurve, MergedRuns, RunFolder
@@ -319,8 +320,6 @@ def _html(sec: _Sections, png: bytes) -> str:
         parts.append(f"<h3>{e(str(run.path))}</h3>")
         parts.append(f"<p>Strategies: {e(', '.join(run.strategies) or '(no results)')}.</p>")
         parts.append(f"<pre>{e(run.config_text)}</pre>")
-    from .. import __version__  # here: the package imports this module while it initialises
-
     parts.append(f'<p class="note">Written by gradnorm-al {e(__version__)}.</p>')
     parts.append("</body></html>\n")
     return "\n".join(parts)
