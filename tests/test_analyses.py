@@ -6,9 +6,10 @@ import csv
 import math
 from pathlib import Path
 
+from gradnorm_al.analyses.generalization_gap import generalization_gap
+from gradnorm_al.analyses.timing import timing
 from gradnorm_al.cli import main
 from gradnorm_al.experiment import ExperimentConfig
-from gradnorm_al.experiment.analyses import generalization_gap, timing
 from gradnorm_al.experiment.results import ResultsStore
 from gradnorm_al.loop import CycleRecord
 

@@ -679,12 +679,16 @@ def test_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert {"random", "entropy-gradnorm", "expected-gradnorm"} <= set(listed["strategies"])
 
 
-def test_list_through_the_installed_script(tmp_path: Path) -> None:
-    script = Path(sys.executable).parent / "gradnorm-al"
-    if not script.is_file():
-        pytest.skip("the gradnorm-al console script is not installed next to this Python")
+@pytest.mark.parametrize("how", ["console script", "python -m gradnorm_al"])
+def test_list_through_a_shell_command(tmp_path: Path, how: str) -> None:
+    command = [sys.executable, "-m", "gradnorm_al"]
+    if how == "console script":
+        script = Path(sys.executable).parent / "gradnorm-al"
+        if not script.is_file():
+            pytest.skip("the gradnorm-al console script is not installed next to this Python")
+        command = [str(script)]
     proc = subprocess.run(
-        [str(script), "list"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [*command, "list"], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0].startswith("datasets: ")

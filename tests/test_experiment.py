@@ -7,7 +7,7 @@ import pytest
 
 from gradnorm_al import ConfigError, ExperimentConfig
 from gradnorm_al.experiment import read_results, run_experiment
-from gradnorm_al.experiment.report import area_under_curve, format_table, summarise
+from gradnorm_al.reports.summary import area_under_curve, format_table, summarise
 
 
 def test_from_dict_accepts_dashes_and_rejects_unknown_keys():

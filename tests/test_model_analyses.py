@@ -13,17 +13,13 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_close_to_scale
 
+from gradnorm_al.analyses.gradnorm_decrease import gradnorm_decrease
+from gradnorm_al.analyses.influence import InfluenceSettings, influence, influence_terms
+from gradnorm_al.analyses.replay import RunReader
+from gradnorm_al.analyses.topk_overlap import topk_overlap
 from gradnorm_al.cli import main
 from gradnorm_al.errors import RunDirectoryError
 from gradnorm_al.experiment import ExperimentConfig, run_experiment
-from gradnorm_al.experiment.model_analyses import (
-    InfluenceSettings,
-    gradnorm_decrease,
-    influence,
-    influence_terms,
-    topk_overlap,
-)
-from gradnorm_al.experiment.replay import RunReader
 from gradnorm_al.seeding import ANALYSIS, rng
 from gradnorm_al.strategies.base import top_k
 from gradnorm_al.strategies.gradnorm import entropy_loss, gradnorm_scores

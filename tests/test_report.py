@@ -11,9 +11,10 @@ import pytest
 from scipy import stats as sps
 
 from gradnorm_al import ConfigError, ExperimentConfig, RunDirectoryError
-from gradnorm_al.experiment.html_report import write_report
+from gradnorm_al.experiment import write_report
 from gradnorm_al.experiment.results import ResultsStore
-from gradnorm_al.experiment.stats import (
+from gradnorm_al.loop import CycleRecord
+from gradnorm_al.reports.stats import (
     compare_all_pairs,
     compare_pair,
     competition_ranks,
@@ -22,7 +23,6 @@ from gradnorm_al.experiment.stats import (
     paired_t_pvalue,
     sign_flip_pvalue,
 )
-from gradnorm_al.loop import CycleRecord
 
 POOL, INITIAL, BUDGET = 100, 10, 5  # cycle c labels 10 + 5c of 100: fractions 0.10, 0.15, 0.20
 

@@ -9,6 +9,7 @@ The main entry points:
 * the registries ``DATASETS``, ``MODELS``, ``STRATEGIES``.
 """
 
+from ._version import __version__ as __version__
 from .data import DATASETS, DatasetBundle, load_dataset
 from .errors import (
     ConfigError,
@@ -28,8 +29,6 @@ from .pool import Pool
 from .strategies import SAMPLERS, STRATEGIES, Selection, create_strategy, gradnorm_scores
 from .tasks import ClassificationTask, Task
 from .train import TrainConfig
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DATASETS",

@@ -1,7 +1,9 @@
-"""Experiments: configs, running every strategy x trial, the results store and reports."""
+"""Experiments: configs and presets, running every strategy x trial (and resuming), the results
+store and checkpoints of a run folder, and reading run folders back for a merged report."""
 
+from ..reports import ReportResult
+from .compare import write_report
 from .config import ExperimentConfig
-from .html_report import ReportResult, write_report
 from .presets import load_preset, preset_names
 from .results import RESULT_COLUMNS, read_results
 from .runner import ExperimentResult, run_experiment

@@ -26,7 +26,8 @@ class _Setup:
     model: str | None = option(None, "model name", none="the dataset's default")
     strategies: list[str] = option(
         ["random", "entropy-gradnorm"],
-        "strategy name; repeat to compare several on the same seeds",
+        "strategy name, or SCORER@SAMPLER (e.g. entropy-gradnorm@power); repeat to compare "
+        "several on the same seeds",
         flag="--strategy",
         append=True,
         metavar="S",

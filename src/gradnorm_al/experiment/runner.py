@@ -19,6 +19,7 @@ from ..learner import ActiveLearner
 from ..loop import LoopConfig, run_trial
 from ..models import MODELS, create_model
 from ..oracles import DatasetOracle
+from ..reports.summary import write_summary
 from ..seeding import POOL_SUBSET, rng
 from ..strategies import Strategy, accepted_params, create_strategy
 from ..tasks import ClassificationTask
@@ -33,7 +34,6 @@ from .checkpoint import (
     state_path,
 )
 from .config import ExperimentConfig
-from .report import write_summary
 from .results import RESULTS_FILE, SELECTIONS_FILE, ResultsStore
 
 CONFIG_FILE = "config.yaml"

@@ -1,14 +1,11 @@
-"""``gradnorm-al report``: merge run folders into one self-contained HTML report.
-
-Runs of different strategies made separately on the same protocol and seeds are merged: trial t
-of every run used seed ``seed + t``, so the curves of trial t are paired across runs. Only
-(strategy, trial) curves that finished every cycle are used; the others are listed in the report.
+"""The report over merged run folders: report.html (self-contained: inline CSS, the plot embedded
+as base64), summary.md and curves.png, with the AUC ranking, paired comparisons, accuracy per
+cycle and time per strategy.
 """
 
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import math
 import warnings
@@ -18,13 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
+from .._version import __version__
 from ..atomic import atomic_write_text
-from ..errors import ConfigError, RunDirectoryError
-from .config import ExperimentConfig
-from .report import StrategySummary, per_trial_auc, plot_curves, summarise
-from .results import RESULT_COLUMNS, RESULTS_FILE, read_results
+from ..errors import RunDirectoryError
+from .merge import IncompleteCurve, MergedRuns, RunFolder
 from .stats import (
     ALPHA,
     PairComparison,
@@ -33,193 +28,11 @@ from .stats import (
     mean_trial_ranks,
     min_sign_flip_pvalue,
 )
+from .summary import StrategySummary, per_trial_auc, plot_curves, summarise
 
-CONFIG_FILE = "config.yaml"  # as written by the runner (runner.CONFIG_FILE)
 REPORT_FILES = ("report.html", "summary.md", "curves.png")
 
-# Config keys that change what a learning curve measures: merged runs must agree on all of them.
-# Not compared: strategies, strategy_params and norm (per strategy), trials (pairs use the shared
-# trials), seed (checked separately, with its own message), and device, data_root, download,
-# score_batch_size (where and how fast, not what).
-PROTOCOL_KEYS = (
-    "dataset",
-    "pool_size",
-    "model",
-    "cycles",
-    "initial_fraction",
-    "budget_fraction",
-    "subset_size",
-    "reinit_each_cycle",
-    "epochs",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "milestones",
-    "gamma",
-    "batch_size",
-)
-_DEFAULTS = ExperimentConfig().to_dict()  # for keys a config.yaml lacks
 
-
-# ---------------------------------------------------------------------------------------- loading
-@dataclass
-class RunFolder:
-    """One run folder as read from disk."""
-
-    path: Path
-    config: dict[str, Any]
-    config_text: str
-    rows: list[dict[str, Any]]
-
-    def get(self, key: str) -> Any:
-        return self.config.get(key, _DEFAULTS.get(key))
-
-    @property
-    def strategies(self) -> list[str]:
-        """Strategies with at least one row in results.csv, in order of first appearance."""
-        return list(dict.fromkeys(row["strategy"] for row in self.rows))
-
-
-def load_run_folder(path: str | Path) -> RunFolder:
-    """Read results.csv and config.yaml of a run folder; one-line errors for anything unusable."""
-    path = Path(path)
-    if not path.is_dir():
-        what = "is not a folder" if path.exists() else "does not exist"
-        raise RunDirectoryError(f"run folder {path} {what}; give folders made by `gradnorm-al run`")
-    for name in (RESULTS_FILE, CONFIG_FILE):
-        if not (path / name).is_file():
-            raise RunDirectoryError(f"{path} has no {name}; give folders made by `gradnorm-al run`")
-    text = (path / CONFIG_FILE).read_text(encoding="utf-8")
-    try:
-        config = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "parse error"
-        raise ConfigError(f"{path / CONFIG_FILE} is not valid YAML: {first}") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path / CONFIG_FILE} must hold a mapping of options")
-    with open(path / RESULTS_FILE, newline="", encoding="utf-8") as fh:
-        header = next(csv.reader(fh), [])
-    missing = [c for c in RESULT_COLUMNS if c not in header]
-    if missing:
-        raise RunDirectoryError(
-            f"{path / RESULTS_FILE} lacks column(s) {', '.join(missing)}; is it a gradnorm-al "
-            "results file?"
-        )
-    try:
-        rows = read_results(path / RESULTS_FILE)
-    except ValueError as err:
-        raise RunDirectoryError(f"{path / RESULTS_FILE} is malformed: {err}") from None
-    for i, row in enumerate(rows, start=2):
-        if any(row[c] is None for c in RESULT_COLUMNS if c != "select_seconds"):
-            raise RunDirectoryError(f"{path / RESULTS_FILE} line {i} has an empty value")
-    return RunFolder(path, config, text, rows)
-
-
-# ---------------------------------------------------------------------------------------- merging
-@dataclass
-class IncompleteCurve:
-    """A (strategy, trial) of a run that did not finish every cycle (0 done: never started)."""
-
-    run_dir: Path
-    strategy: str
-    trial: int
-    cycles_done: int
-    cycles_expected: int
-
-    def describe(self) -> str:
-        done = (
-            "not started"
-            if self.cycles_done == 0
-            else f"{self.cycles_done} of {self.cycles_expected} cycles"
-        )
-        return f"{self.strategy} trial {self.trial} ({done}) in {self.run_dir}"
-
-
-@dataclass
-class MergedRuns:
-    runs: list[RunFolder]
-    rows: list[dict[str, Any]]  # rows of the complete (strategy, trial) curves only
-    incomplete: list[IncompleteCurve]
-    owner: dict[str, Path]  # strategy -> the run folder it comes from
-
-
-def merge_runs(runs: list[RunFolder]) -> MergedRuns:
-    """Check that ``runs`` can be compared and keep their complete curves.
-
-    Refused (one-line ConfigError): a strategy in two runs, a protocol key that differs (named),
-    different seeds per trial, or different labelled fractions per cycle.
-    """
-    if not runs:
-        raise ConfigError("give at least one run folder")
-    owner: dict[str, Path] = {}
-    for run in runs:
-        for s in run.strategies:
-            if s in owner:
-                raise ConfigError(
-                    f"strategy {s!r} appears in both {owner[s]} and {run.path}; give each "
-                    "strategy's run folder only once"
-                )
-            owner[s] = run.path
-    first = runs[0]
-    for run in runs[1:]:
-        for key in PROTOCOL_KEYS:
-            a, b = first.get(key), run.get(key)
-            if a != b:
-                raise ConfigError(
-                    f"the runs differ in protocol: {key} is {a!r} in {first.path} but {b!r} in "
-                    f"{run.path}; only runs made with the same settings can be merged"
-                )
-        a, b = first.get("seed"), run.get("seed")
-        if a != b:
-            raise ConfigError(
-                f"seeds per trial differ: {first.path} used seed {a} + trial but {run.path} "
-                f"used {b} + trial; merge only runs made with the same --seed"
-            )
-    seeds: dict[int, tuple[int, Path]] = {}
-    for run in runs:
-        for row in run.rows:
-            seen = seeds.setdefault(row["trial"], (row["seed"], run.path))
-            if seen[0] != row["seed"]:
-                raise ConfigError(
-                    f"seeds per trial differ: trial {row['trial']} has seed {seen[0]} in "
-                    f"{seen[1]} but {row['seed']} in {run.path}; merge only runs made with the "
-                    "same seeds"
-                )
-
-    cycles = int(first.get("cycles"))
-    complete: list[dict[str, Any]] = []
-    incomplete: list[IncompleteCurve] = []
-    for run in runs:
-        curves: dict[tuple[str, int], dict[int, dict]] = defaultdict(dict)
-        for row in run.rows:
-            curves[(row["strategy"], row["trial"])][row["cycle"]] = row
-        for (s, t), by_cycle in curves.items():
-            if all(c in by_cycle for c in range(cycles)):
-                complete.extend(by_cycle[c] for c in range(cycles))
-            else:
-                incomplete.append(IncompleteCurve(run.path, s, t, len(by_cycle), cycles))
-        # strategies and trials the run was asked for but never started (unless another run has
-        # the strategy: a strategy re-run separately after a crash is not missing)
-        planned = run.get("strategies") or []
-        for s in [*run.strategies, *[p for p in planned if p not in owner]]:
-            for t in range(int(run.get("trials") or 0)):
-                if (s, t) not in curves:
-                    incomplete.append(IncompleteCurve(run.path, s, t, 0, cycles))
-
-    reference: dict[int, tuple[float, str]] = {}
-    for row in complete:
-        c, f = row["cycle"], row["labeled_fraction"]
-        ref = reference.setdefault(c, (f, f"{row['strategy']} trial {row['trial']}"))
-        if not math.isclose(ref[0], f, rel_tol=1e-9, abs_tol=1e-12):
-            raise ConfigError(
-                f"labelled fractions differ at cycle {c}: {ref[0]:.6g} ({ref[1]}) vs {f:.6g} "
-                f"({row['strategy']} trial {row['trial']} in {owner[row['strategy']]}); the runs "
-                "did not use the same pool"
-            )
-    return MergedRuns(runs, complete, incomplete, owner)
-
-
-# ---------------------------------------------------------------------------------------- tables
 @dataclass
 class Table:
     header: list[str]
@@ -507,34 +320,13 @@ def _html(sec: _Sections, png: bytes) -> str:
         parts.append(f"<h3>{e(str(run.path))}</h3>")
         parts.append(f"<p>Strategies: {e(', '.join(run.strategies) or '(no results)')}.</p>")
         parts.append(f"<pre>{e(run.config_text)}</pre>")
-    from .. import __version__  # here: the package imports this module while it initialises
-
     parts.append(f'<p class="note">Written by gradnorm-al {e(__version__)}.</p>')
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
 
-def write_report(run_dirs: list[Path], out_dir: Path) -> ReportResult:
-    """Merge the run folders ``run_dirs`` and write report.html, summary.md and curves.png.
-
-    report.html is self-contained (inline CSS, the plot embedded as base64). Raises
-    RunDirectoryError / ConfigError (one line) for unusable folders or runs that cannot be
-    compared (see :func:`merge_runs`).
-    """
-    paths = [Path(p) for p in run_dirs]
-    resolved = [p.resolve() for p in paths]
-    for i, p in enumerate(resolved):
-        if p in resolved[:i]:
-            raise RunDirectoryError(f"run folder {paths[i]} is given twice")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RunDirectoryError(f"output path {out_dir} exists and is not a folder")
-    if len(paths) > 1 and out_dir.resolve() in resolved:
-        raise RunDirectoryError(
-            f"{out_dir} is one of the merged run folders; its summary.md and curves.png would be "
-            "replaced by the merged ones; choose another output folder"
-        )
-    merged = merge_runs([load_run_folder(p) for p in paths])
+def write_merged_report(merged: MergedRuns, out_dir: Path) -> ReportResult:
+    """Write report.html, summary.md and curves.png of ``merged`` into ``out_dir`` (created)."""
     summaries = summarise(merged.rows)
     order = [s.strategy for s in ranked(summaries)]
     comparisons = compare_all_pairs(per_trial_auc(summaries), order)

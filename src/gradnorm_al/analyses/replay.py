@@ -10,9 +10,11 @@ them.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,15 +22,16 @@ from torch import nn
 
 from ..data import DatasetBundle, load_dataset
 from ..errors import RunDirectoryError
+from ..experiment.checkpoint import MODELS_DIR, load_model, model_path
+from ..experiment.config import ExperimentConfig
+from ..experiment.results import RESULTS_FILE, SELECTIONS_FILE, read_results
+from ..experiment.runner import read_run_config, resolve_device, strategy_kwargs
 from ..loop import cycle_candidates
 from ..models import create_model
 from ..pool import Pool
 from ..seeding import INIT_POOL, POOL_SUBSET, rng
 from ..strategies import Strategy, create_strategy
-from .checkpoint import MODELS_DIR, load_model, model_path
-from .config import ExperimentConfig
-from .results import RESULTS_FILE, SELECTIONS_FILE, read_results
-from .runner import read_run_config, resolve_device, strategy_kwargs
+from .base import Log
 
 
 @dataclass(frozen=True)
@@ -160,3 +163,22 @@ class RunReader:
         net = self.strategy(strategy).prepare_model(net)
         net.load_state_dict(state)
         return net.to(self.device).eval()
+
+
+def loss_scheme(reader: RunReader, strategy: str) -> str:
+    """The unsupervised loss whose gradient norm a strategy is judged by: a gradnorm strategy's
+    own; for the others the entropy (equal, value and gradient, to the published expected loss)."""
+    return getattr(reader.strategy(strategy), "scheme", "entropy")
+
+
+def on_replayed_run(write: Callable[..., str]) -> Callable[..., str]:
+    """The run function of an analysis (see :class:`~.base.Analysis`) from its
+    ``write(reader, out_dir, ..., log=...)``: the run folder is opened as a :class:`RunReader` on
+    the ``device`` option's device, the other options go to ``write`` by name."""
+
+    def run(
+        run_dir: Path, out_dir: Path | None, log: Log, *, device: str | None, **options: Any
+    ) -> str:
+        return write(RunReader(run_dir, device=device), out_dir, log=log, **options)
+
+    return run

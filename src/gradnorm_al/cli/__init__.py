@@ -1,0 +1,50 @@
+"""The ``gradnorm-al`` command: argument parsing, printing and exit codes only, one module per
+command (:mod:`.demo`, :mod:`.run`, :mod:`.list`, :mod:`.presets`, :mod:`.report`,
+:mod:`.analyze`), each with ``add_parser(subparsers)`` and ``execute(args) -> exit code``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ..errors import GradnormALError
+from . import analyze, demo, presets, report, run
+from . import list as list_command
+from .common import EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser
+
+COMMANDS = {
+    "demo": demo,
+    "run": run,
+    "list": list_command,
+    "presets": presets,
+    "report": report,
+    "analyze": analyze,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="gradnorm-al",
+        description="Deep active learning by per-sample gradient norms (Wang et al., AAAI 2022).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    sub.required = True
+    for command in COMMANDS.values():
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command].execute(args)
+    except GradnormALError as exc:
+        print(f"gradnorm-al: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("gradnorm-al: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+__all__ = ["build_parser", "main"]

@@ -1,0 +1,7 @@
+"""``python -m gradnorm_al.cli``: the ``gradnorm-al`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,56 @@
+"""What every command shares: the parser whose usage errors are one line, the exit codes, the
+parsing of option values and the log helper."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+EXIT_USAGE = 2  # a usage error or a GradnormALError: one line on stderr
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def parse_int(text: str) -> int:
+    # ranges are checked in one place, ExperimentConfig.check_types, for the CLI and YAML alike
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """The argparse ``type`` for an option declared with ``parse`` (text -> value): integers
+    get :func:`parse_int`'s message, other types (``float``) argparse's own, and a function's
+    ValueError becomes the one-line error."""
+    if parse is int:
+        return parse_int
+    if isinstance(parse, type):
+        return parse
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return convert
+
+
+def make_log(quiet: bool) -> Callable[[str], None]:
+    """A log that prints each line to stderr at once, or nothing when ``quiet``."""
+
+    def log(message: str) -> None:
+        if not quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    return log
