@@ -100,6 +100,18 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny networks (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    several intra-op threads on a busy 2-core machine make every small step many times slower
+    (measured: the strategy contract file 37 s with two threads, 6 s with one), so run the
+    module single-threaded and restore the setting afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)

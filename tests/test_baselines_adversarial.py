@@ -32,14 +32,7 @@ from gradnorm_al.strategies.vae import (
 TINY = dict(width=8, hidden=64, batch_size=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These networks are tiny: several intra-op threads on a busy 2-core machine make every step
-    ~40x slower, so run this module single-threaded and restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: see conftest.one_thread
 
 
 def _images(kind: str, n: int, g: torch.Generator) -> torch.Tensor:

@@ -220,6 +220,7 @@ def test_influence_terms_refuse_a_cycle_without_what_they_need(reader):
         influence_terms(reader, "entropy-gradnorm", 0, 2, InfluenceSettings(at="selection"))
 
 
+@pytest.mark.slow
 def test_influence_table_overlap_is_a_brute_force_count_and_the_command_writes_fig3(
     reader, run_dir, capsys
 ):

@@ -212,7 +212,7 @@ def test_embedding_with_repeated_indices_and_padding():
         ("smallcnn", (1, 10, 10)),
         ("resnet18-cifar", (3, 8, 8)),
         ("resnet18", (3, 32, 32)),
-        ("vgg16", (3, 32, 32)),
+        pytest.param("vgg16", (3, 32, 32), marks=pytest.mark.slow),
     ],
 )
 def test_package_models(name, shape):

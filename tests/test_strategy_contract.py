@@ -40,6 +40,8 @@ CANDIDATES = np.arange(30, 70)
 K = 5
 CPU = torch.device("cpu")
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: see conftest.one_thread
+
 
 def selected_indices(result) -> np.ndarray:
     """The pool indices a strategy returned: an array, or a selection object's ``.indices``."""
