@@ -24,7 +24,7 @@ import pytest
 import torch
 import yaml
 
-from gradnorm_al import DATASETS, MODELS, STRATEGIES
+from gradnorm_al import DATASETS, MODELS, SAMPLERS, STRATEGIES
 from gradnorm_al.cli import main
 from gradnorm_al.experiment.config import ExperimentConfig
 
@@ -667,8 +667,15 @@ def test_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert result.code == 0
     assert result.err == ""
     lines = result.out.splitlines()
-    assert [line.split(":")[0] for line in lines] == ["datasets", "models", "strategies"]
-    listed = {line.split(": ")[0]: line.split(": ")[1].split(", ") for line in lines}
+    assert [line.split(":")[0] for line in lines[:4]] == [
+        "datasets",
+        "models",
+        "strategies",
+        "samplers",
+    ]
+    assert "SCORER@SAMPLER" in lines[4]
+    listed = {line.split(": ")[0]: line.split(": ")[1].split(", ") for line in lines[:4]}
+    assert listed["samplers"] == SAMPLERS.names()
     assert listed["datasets"] == DATASETS.names()
     assert listed["models"] == MODELS.names()
     assert listed["strategies"] == STRATEGIES.names()

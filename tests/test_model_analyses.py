@@ -28,10 +28,20 @@ from gradnorm_al.train import accuracy
 STRATEGIES = ["random", "entropy-gradnorm"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_for_this_module():
+    """The run and its replays in this module on one thread (the same float reductions), and
+    the caller's thread count back afterwards: later modules compare runs made in-process with
+    runs made by subprocesses, which use the default count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A real run on 300 digits: 2 trials x 3 cycles, candidates a seeded subset of 120."""
-    torch.set_num_threads(1)
     config = ExperimentConfig(
         dataset="digits",
         pool_size=300,
