@@ -38,17 +38,18 @@ class RecordingOracle:
         return self.targets[indices]
 
 
-class PoisonedItems(Dataset):
-    """Per-item pool (the DataLoader path) whose every target is poisoned."""
+class Items(Dataset):
+    """A per-item pool (the DataLoader path): inputs only, or ``(input, target)`` with every
+    target ``target``."""
 
-    def __init__(self, x: torch.Tensor) -> None:
-        self.x = x
+    def __init__(self, x: torch.Tensor, target: int | None = None) -> None:
+        self.x, self.target = x, target
 
     def __len__(self) -> int:
         return len(self.x)
 
     def __getitem__(self, i):
-        return self.x[i], POISON
+        return self.x[i] if self.target is None else (self.x[i], self.target)
 
 
 class RecordingTask(ClassificationTask):
@@ -71,7 +72,7 @@ def _data(small_digits, n=120):
 @pytest.mark.parametrize("per_item", [False, True])
 def test_training_reads_only_labels_that_came_through_update(small_digits, per_item):
     x, y = _data(small_digits)
-    pool = PoisonedItems(x) if per_item else TensorDataset(x, torch.full((len(x),), POISON))
+    pool = Items(x, POISON) if per_item else TensorDataset(x, torch.full((len(x),), POISON))
     oracle = RecordingOracle(y)
     task = RecordingTask(10)
     learner = ActiveLearner(
@@ -195,26 +196,11 @@ class UserNet(nn.Module):
         return self.head(self.body(x))
 
 
-class UnlabelledImages(Dataset):
-    """A user's pool: images only, no labels at all."""
-
-    def __init__(self, x: torch.Tensor) -> None:
-        self.x = x
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i]
-
-
 def test_a_users_own_module_and_label_free_dataset(small_digits):
     x, y = _data(small_digits)
     net = UserNet()
     before = net.head.weight.detach().clone()
-    learner = ActiveLearner(
-        net, UnlabelledImages(x), ClassificationTask(10), "entropy-gradnorm", train=TRAIN
-    )
+    learner = ActiveLearner(net, Items(x), ClassificationTask(10), "entropy-gradnorm", train=TRAIN)
     learner.update(np.arange(30), y[:30])
     learner.fit()
     assert learner.model is net and not torch.equal(before, net.head.weight)
@@ -223,4 +209,4 @@ def test_a_users_own_module_and_label_free_dataset(small_digits):
     test = TensorDataset(x[60:], torch.as_tensor(y[60:]))
     assert 0.0 <= learner.evaluate(test)["accuracy"] <= 1.0
     with pytest.raises(DataError, match="has no target"):
-        DatasetOracle(UnlabelledImages(x)).labels(np.array([0]))
+        DatasetOracle(Items(x)).labels(np.array([0]))
