@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from .errors import ConfigError
 from .learner import ActiveLearner
 from .options import option
-from .pool import initial_count
+from .pool import initial_count, initial_indices
 from .seeding import INIT_POOL, SUBSET, rng
 
 
@@ -124,11 +124,6 @@ def cycle_candidates(
     return np.sort(rng(seed, SUBSET, cycle).choice(unlabeled, subset_size, replace=False))
 
 
-def initial_indices(size: int, fraction: float, seed: int) -> np.ndarray:
-    """The random initial labelled pool of a trial: ``round(fraction * size)`` indices."""
-    return rng(seed, INIT_POOL).choice(size, size=initial_count(size, fraction), replace=False)
-
-
 def run_trial(
     learner: ActiveLearner,
     *,
@@ -153,7 +148,7 @@ def run_trial(
     k = schedule.budget(n)
     records = [] if resume is None else list(resume.records)
     if resume is None:
-        learner.update(initial_indices(n, schedule.initial_fraction, seed))
+        learner.update(initial_indices(n, schedule.initial_fraction, rng(seed, INIT_POOL)))
     else:
         learner.load_state_dict(resume.learner)
     for cycle in range(len(records), schedule.cycles):

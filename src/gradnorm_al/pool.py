@@ -28,9 +28,8 @@ class Pool:
     @classmethod
     def initial(cls, size: int, fraction: float, rng: np.random.Generator) -> Pool:
         """A pool whose first labelled set is a random ``round(fraction * size)`` samples."""
-        count = initial_count(size, fraction)
         pool = cls(size)
-        pool.label(rng.choice(size, size=count, replace=False), cycle=0)
+        pool.label(initial_indices(size, fraction, rng), cycle=0)
         return pool
 
     @property
@@ -86,6 +85,11 @@ class Pool:
         pool = cls(int(state["size"]))
         pool.load_state_dict(state)
         return pool
+
+
+def initial_indices(size: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """A random first labelled set: ``initial_count(size, fraction)`` distinct indices."""
+    return rng.choice(size, size=initial_count(size, fraction), replace=False)
 
 
 def initial_count(size: int, fraction: float) -> int:
