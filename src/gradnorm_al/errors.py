@@ -35,6 +35,22 @@ class RunDirectoryError(GradnormALError):
     """The output folder cannot be used (for example it already holds another run)."""
 
 
+class RunLockedError(RunDirectoryError):
+    """Another process holds the run folder's lock."""
+
+
+class ChecksumError(RunDirectoryError):
+    """A checkpoint's content does not match the checksum written with it."""
+
+
+class WriteError(GradnormALError, OSError):
+    """The operating system refused a write (read-only folder, disk full, permission denied)."""
+
+
+class NonFiniteError(GradnormALError, FloatingPointError):
+    """A training loss, a score or a feature is NaN or infinite."""
+
+
 class SelectionError(GradnormALError):
     """A strategy or sampler returned an invalid selection (wrong count, duplicates, an index
     that was not a candidate)."""

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from ..errors import GradnormALError
 from . import analyze, demo, presets, report, run
 from . import list as list_command
-from .common import EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser
+from .common import EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser, print_error
 
 COMMANDS = {
     "demo": demo,
@@ -40,7 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command].execute(args)
     except GradnormALError as exc:
-        print(f"gradnorm-al: error: {exc}", file=sys.stderr)
+        print_error(str(exc))
+        return EXIT_USAGE
+    except OSError as exc:  # not one of ours: the operating system refused (disk full, ...)
+        where = f" {exc.filename}" if exc.filename else ""
+        print_error(f"cannot access{where}: {exc.strerror or exc}")
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("gradnorm-al: interrupted", file=sys.stderr)

@@ -12,11 +12,20 @@ EXIT_USAGE = 2  # a usage error or a GradnormALError: one line on stderr
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 
+PROG = "gradnorm-al"
+
+
+def print_error(message: str) -> None:
+    """The one error format of every command: ``gradnorm-al: error: ...`` on stderr."""
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (no usage dump) and exit code 2."""
+    """argparse, but a usage error is one line in the common format (no usage dump), exit code
+    2, pointing at the help of the (sub)command that refused it."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        print_error(f"{message} (see {self.prog} --help)")
         sys.exit(EXIT_USAGE)
 
 
