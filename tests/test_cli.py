@@ -27,6 +27,7 @@ import yaml
 from gradnorm_al import DATASETS, MODELS, SAMPLERS, STRATEGIES
 from gradnorm_al.cli import main
 from gradnorm_al.experiment.config import ExperimentConfig
+from gradnorm_al.experiment.lock import LOCK_FILE
 
 DIGITS_POOL = 1437  # digits: 1,797 images, stratified 20% test split -> 1,437 in the pool
 HEADER = (
@@ -178,7 +179,7 @@ def test_run_exit_status_and_files(full_run: tuple[Outcome, Path]) -> None:
     result, out = full_run
     assert result.code == 0, result.err
     assert result.err == ""  # --quiet: no progress bars, no log lines
-    assert sorted(p.name for p in out.iterdir()) == sorted([*RUN_FILES, "state"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*RUN_FILES, "state", LOCK_FILE])
     # one checkpoint per strategy x trial
     assert len(list((out / "state").glob("*.pt"))) == 2 * TRIALS
 

@@ -16,7 +16,7 @@ import torch
 
 import gradnorm_al.learner
 from gradnorm_al.cli import main
-from gradnorm_al.experiment.checkpoint import load_state, state_path
+from gradnorm_al.experiment.checkpoint import content_digest, load_state, state_path
 
 BASE = ["run", "--dataset", "digits", "--batch-size", "32", "--lr", "0.05", "--seed", "3"]
 BOTH = ["--strategy", "random", "--strategy", "entropy-gradnorm"]
@@ -100,11 +100,17 @@ def test_resume_refuses_other_runs_checkpoints_and_extra_options(tmp_path, capsy
     assert "drop --epochs" in capsys.readouterr().err
     assert main(["run", "--resume", str(tmp_path / "nothing")]) == 2
     assert "no run to resume" in capsys.readouterr().err
-    # a checkpoint of another seed is refused, not silently mixed in
+    # a checkpoint of another seed is refused, not silently mixed in: an edit fails the checksum,
+    # and with its checksum recomputed, the owner check
     path = state_path(out, "random", 0)
     payload = torch.load(path, weights_only=True)
     payload["seed"] = 99
     torch.save(payload, path)
+    assert main(["run", "--resume", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "fails its checksum" in err and err.count("\n") == 1
+    del payload["checksum"]
+    torch.save({**payload, "checksum": content_digest(payload)}, path)
     assert main(["run", "--resume", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "belongs to another run" in err and err.count("\n") == 1

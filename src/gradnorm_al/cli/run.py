@@ -10,11 +10,12 @@ from ..errors import ConfigError
 from ..experiment import run_experiment
 from ..experiment.config import ExperimentConfig
 from ..experiment.presets import load_preset
-from ..experiment.runner import read_run_config
+from ..experiment.runner import RESUMABLE_OPTIONS, read_run_config
 from ..options import add_arguments
 from .common import make_log
 
-RESUME_OPTIONS = {"device", "data_root"}
+DEFAULT_OUT = "gradnorm-al-run"
+_DEFAULT_OUTS: dict[str, str] = {}  # per command: --out when not given
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -33,10 +34,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def add_output_options(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument(
         "--out",
-        default=default_out,
+        default=argparse.SUPPRESS,  # so that --resume can tell whether it was given
         metavar="DIR",
         help=f"run folder to write (default {default_out})",
     )
+    _DEFAULT_OUTS[p.prog.split()[-1]] = default_out
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
 
@@ -44,13 +46,13 @@ def add_output_options(p: argparse.ArgumentParser, default_out: str) -> None:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="run Algorithm 1 for one or more strategies")
     _add_run_options(run)
-    add_output_options(run, "gradnorm-al-run")
+    add_output_options(run, DEFAULT_OUT)
     run.add_argument(
         "--resume",
         metavar="DIR",
         default=argparse.SUPPRESS,
         help="continue the interrupted run in DIR with its own config.yaml (only --device, "
-        "--data-root and --quiet may be given with it)",
+        "--data-root, --download and --quiet may be given with it)",
     )
 
 
@@ -61,13 +63,14 @@ def execute(args: argparse.Namespace) -> int:
         if k not in ("command", "config", "preset", "resume", "out", "overwrite", "quiet")
     }
     if hasattr(args, "resume"):
-        extra = sorted(set(options) - RESUME_OPTIONS) + [
-            name for name in ("config", "preset") if hasattr(args, name)
+        extra = sorted(set(options) - set(RESUMABLE_OPTIONS)) + [
+            name for name in ("config", "preset", "out") if hasattr(args, name)
         ]
         if extra or args.overwrite:
             given = ", ".join("--" + n.replace("_", "-") for n in extra or ["overwrite"])
             raise ConfigError(
-                f"--resume continues a run with the options in its config.yaml; drop {given}"
+                f"--resume DIR continues the run in DIR with the options in its config.yaml; "
+                f"drop {given}"
             )
         args.out = args.resume
         return run_config(
@@ -83,6 +86,7 @@ def execute(args: argparse.Namespace) -> int:
 
 def run_config(config: ExperimentConfig, args: argparse.Namespace, resume: bool = False) -> int:
     """Run ``config`` into ``args.out`` and print the summary table and what was written."""
+    args.out = getattr(args, "out", None) or _DEFAULT_OUTS[args.command]
     result = run_experiment(
         config,
         Path(args.out),

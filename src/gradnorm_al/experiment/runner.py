@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
-import shutil
+import contextlib
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_text, is_temporary, remove_temporaries
 from ..data import DatasetBundle, load_dataset
-from ..errors import ConfigError, RunDirectoryError
+from ..errors import ConfigError, GradnormALError, RunDirectoryError, WriteError
 from ..learner import ActiveLearner
 from ..loop import LoopConfig, run_trial
 from ..models import MODELS, create_model
 from ..oracles import DatasetOracle
 from ..reports.summary import write_summary
 from ..seeding import POOL_SUBSET, rng
-from ..strategies import Strategy, accepted_params, create_strategy
+from ..strategies import Strategy, create_strategy
+from ..strategies.base import split_spec
+from ..strategies.gradnorm import GRADNORM_SCORERS
 from ..tasks import ClassificationTask
 from ..train import TrainConfig
 from .checkpoint import (
@@ -34,18 +38,28 @@ from .checkpoint import (
     state_path,
 )
 from .config import ExperimentConfig
+from .lock import LOCK_FILE, run_lock
 from .results import RESULTS_FILE, SELECTIONS_FILE, ResultsStore
 
 CONFIG_FILE = "config.yaml"
+ANALYSIS_DIR = "analysis"  # where `gradnorm-al analyze` writes by default
+#: the files a run (and a report or analysis of it, written into its folder) writes at its top
 RUN_FILES = (
     CONFIG_FILE,
     RESULTS_FILE,
     SELECTIONS_FILE,
     "summary.md",
     "curves.png",
-    STATE_DIR,
-    MODELS_DIR,
+    "report.html",
 )
+#: its folders, with the pattern of the files it writes in each
+RUN_FOLDERS = {
+    STATE_DIR: re.compile(r"^.+\.t\d+\.pt$"),
+    MODELS_DIR: re.compile(r"^.+\.t\d+\.c\d+\.pt$"),
+    ANALYSIS_DIR: re.compile(r"^.+\.(md|csv|png|pt|json)$"),
+}
+#: options a resumed run may change: where the data is and what computes; not the protocol
+RESUMABLE_OPTIONS = ("device", "data_root", "download")
 
 
 @dataclass
@@ -79,30 +93,69 @@ def validate_names(config: ExperimentConfig) -> None:
         MODELS.get(config.model)
 
 
+def _holds_run(out_dir: Path) -> bool:
+    try:
+        ExperimentConfig.from_yaml(out_dir / CONFIG_FILE)
+    except (GradnormALError, OSError):
+        return False
+    return True
+
+
+def _run_files(out_dir: Path) -> list[Path]:
+    """What a run wrote in ``out_dir``: its files, the files of its folders, temporaries."""
+    found = [out_dir / name for name in RUN_FILES if (out_dir / name).is_file()]
+    for folder, pattern in RUN_FOLDERS.items():
+        if (out_dir / folder).is_dir():
+            found += [
+                p
+                for p in sorted((out_dir / folder).iterdir())
+                if p.is_file() and (pattern.match(p.name) or is_temporary(p.name))
+            ]
+    found += [p for p in out_dir.iterdir() if p.is_file() and is_temporary(p.name)]
+    return found
+
+
 def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse a folder holding another run unless ``overwrite``; then clear that run's files."""
+    """Make ``out_dir`` ready for a new run (call it holding the folder's lock).
+
+    A folder that holds a run is refused unless ``overwrite``, which removes only what that run
+    (and a report or analysis written into it) wrote: files of the user's own stay. A folder
+    holding files a run would write, but no run, is refused either way, and ``overwrite`` of a
+    non-empty folder that holds no run is refused: nothing of the user's is ever replaced."""
     if out_dir.exists() and not out_dir.is_dir():
         raise RunDirectoryError(f"output path {out_dir} exists and is not a folder")
-    existing = [name for name in RUN_FILES if (out_dir / name).exists()]
-    if existing and not overwrite:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    holds_run = _holds_run(out_dir)
+    ours = _run_files(out_dir)
+    if holds_run and not overwrite:
         raise RunDirectoryError(
-            f"{out_dir} already holds a run ({', '.join(existing)}); choose another --out or "
-            "pass --overwrite"
+            f"{out_dir} already holds a run; choose another --out, continue it with --resume "
+            f"{out_dir}, or pass --overwrite to replace it"
         )
+    if not holds_run:
+        others = [p.name for p in out_dir.iterdir() if p.name != LOCK_FILE]
+        clash = [n for n in others if n in RUN_FILES or n in RUN_FOLDERS or is_temporary(n)]
+        if clash or (overwrite and others):
+            what = f"files a run writes ({', '.join(sorted(clash))})" if clash else "files"
+            raise RunDirectoryError(
+                f"{out_dir} holds {what} but no run (no readable {CONFIG_FILE}); nothing in it is "
+                "replaced: choose an empty or new --out"
+            )
     try:
-        for name in existing:
-            path = out_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        out_dir.mkdir(parents=True, exist_ok=True)
+        for path in ours:
+            path.unlink()
+        for folder in RUN_FOLDERS:
+            with contextlib.suppress(OSError):  # kept when the user's own files are in it
+                (out_dir / folder).rmdir()
     except OSError as err:
-        raise RunDirectoryError(
-            f"cannot use output folder {out_dir}: {err.strerror or err}"
-        ) from None
+        raise WriteError(f"cannot clear output folder {out_dir}: {err.strerror or err}") from None
 
 
 def strategy_kwargs(config: ExperimentConfig, name: str) -> dict:
+    """The keyword arguments of strategy ``name``: its ``strategy_params``, and the run's
+    ``norm`` for the gradnorm scorers (egl keeps its own, ``l2`` unless its params say)."""
     params = dict(config.strategy_params.get(name, {}))
-    if "norm" in accepted_params(name):
+    if split_spec(name)[0] in GRADNORM_SCORERS:
         params.setdefault("norm", config.norm)
     return params
 
@@ -170,14 +223,46 @@ def run_experiment(
     ``config``) from its checkpoints: finished cycles are neither recomputed nor lost, and the
     results equal an uninterrupted run's (CPU, same seed). ``bundle`` overrides loading
     ``config.dataset`` (for tests and custom data).
+
+    Nothing is lost: the folder is locked for the whole call (a second writer gets
+    :class:`~gradnorm_al.errors.RunLockedError` naming the holder); on resume every state is read
+    (checksum verified, its recorded configuration compared with ``config``) before results.csv
+    is first rewritten, so it never holds fewer finished rows than before; temporary files of a
+    killed writer are removed.
     """
     started = time.perf_counter()
     config.check()
     validate_names(config)
     device = resolve_device(config.device)
     out = Path(out_dir)
-    if resume and not (out / CONFIG_FILE).is_file():
-        read_run_config(out)  # raises the explanation
+    if resume:
+        read_run_config(out)  # raises the explanation when there is no run to resume
+    with run_lock(out):
+        return _run_locked(config, out, device, started, overwrite, resume, progress, log, bundle)
+
+
+def protocol(config: ExperimentConfig) -> dict[str, Any]:
+    """The resolved options that define a run's results (all but :data:`RESUMABLE_OPTIONS`),
+    recorded in every state and compared on ``--resume``."""
+    return {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_OPTIONS}
+
+
+def _run_locked(
+    config: ExperimentConfig,
+    out: Path,
+    device: torch.device,
+    started: float,
+    overwrite: bool,
+    resume: bool,
+    progress: bool,
+    log: Callable[[str], None],
+    bundle: DatasetBundle | None,
+) -> ExperimentResult:
+    if resume:
+        remove_temporaries(out)  # a killed writer's; we hold the lock, so none is live
+    else:
+        prepare_out_dir(out, overwrite)
+        atomic_write_text(out / CONFIG_FILE, config.to_yaml())
     if bundle is None:
         bundle = load_dataset(config.dataset, config.data_root, config.download)
     if config.pool_size is not None:
@@ -191,10 +276,20 @@ def run_experiment(
     model_factory = partial(
         create_model, model_name, num_classes=bundle.num_classes, in_channels=bundle.in_channels
     )
-    if not resume:
-        prepare_out_dir(out, overwrite)
-        atomic_write_text(out / CONFIG_FILE, config.to_yaml())
+    recorded = protocol(config)
     store = ResultsStore(out)
+    states = {}
+    if resume:  # every finished row back before the first rewrite: never fewer rows than before
+        for trial in range(config.trials):
+            for name in strategies:
+                path = state_path(out, name, trial)
+                if path.exists():
+                    states[name, trial] = state = load_state(
+                        path, strategy=name, trial=trial, seed=config.seed + trial, config=recorded
+                    )
+                    for record in state.records:
+                        store.add(record, flush=False)
+        store.flush()
     log(
         f"{bundle.name}: pool {bundle.pool_size}, test {len(bundle.test)}, model {model_name}, "
         f"budget {loop.budget(bundle.pool_size)} per cycle, {config.cycles} cycles, "
@@ -204,19 +299,15 @@ def run_experiment(
         for name, strategy in strategies.items():
             seed = config.seed + trial
             path = state_path(out, name, trial)
-            state = None
-            if resume and path.exists():
-                state = load_state(path, strategy=name, trial=trial, seed=seed)
-                for record in state.records:
-                    store.add(record, flush=False)
-                store.flush()
+            state = states.get((name, trial))
+            if state is not None:
                 if state.next_cycle >= config.cycles:
                     log(f"trial {trial} {name}: finished before, kept")
                     continue
                 log(f"trial {trial} {name}: resuming at cycle {state.next_cycle}")
 
             def checkpoint(s, path=path, name=name, trial=trial, seed=seed) -> None:
-                save_state(path, s, strategy=name, trial=trial, seed=seed)
+                save_state(path, s, strategy=name, trial=trial, seed=seed, config=recorded)
 
             def keep(cycle, model, name=name, trial=trial, seed=seed) -> None:
                 save_model(

@@ -38,6 +38,8 @@ from .base import STRATEGIES, ScoringStrategy, SelectionContext
 SCHEMES = ("entropy", "expected")
 #: The norms that give one score per sample (``per-tensor`` gives one per parameter tensor).
 SCALAR_NORMS = ("tensor-sum", "l2")
+#: the strategies that follow a run's ``norm`` option
+GRADNORM_SCORERS = ("entropy-gradnorm", "expected-gradnorm")
 ScalarNorm = Annotated[str, OneOf(SCALAR_NORMS)]
 
 
