@@ -235,8 +235,8 @@ def test_command_line_type_errors(
         ("epochs: true\n", "epochs must be an integer >= 1, got True"),
         ("epochs: 10.0\n", "epochs must be an integer >= 1, got 10.0"),
         ("trials: '3'\n", "trials must be an integer >= 1, got '3'"),
-        ('lr: "0.1"\n', "lr must be a number >= 0, got '0.1'"),
-        ("lr: .nan\n", "lr must be a number >= 0, got nan"),
+        ('lr: "0.1"\n', "lr must be a number > 0, got '0.1'"),
+        ("lr: .nan\n", "lr must be a number > 0, got nan"),
         ("momentum: false\n", "momentum must be a number >= 0, got False"),
         (
             "weight_decay: 5e-4\n",  # YAML 1.1 reads a number with an exponent but no dot as text

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ._torch import seeded_cpu, snapshot
-from .errors import ConfigError, PoolError
+from .errors import ConfigError, NonFiniteError, PoolError
 from .oracles import Oracle
 from .pool import Pool
 from .seeding import AUXILIARY_INIT, MODEL_INIT, STRATEGY, TRAIN, derive_seed, rng
@@ -190,19 +190,23 @@ class ActiveLearner:
         if self.model is None or self.reinit:
             self._build_task_model()
         assert self.model is not None
-        fit(
-            self.model,
-            self.train_pool,
-            labeled,
-            self.train_config,
-            device=self.device,
-            seed=derive_seed(self.seed, TRAIN, self.cycle),
-            progress=self.progress,
-            desc=f"train {self.name} c{self.cycle}",
-            auxiliary=self.auxiliary,
-            task=self.task,
-            targets=self.labels(labeled),
-        )
+        try:
+            fit(
+                self.model,
+                self.train_pool,
+                labeled,
+                self.train_config,
+                device=self.device,
+                seed=derive_seed(self.seed, TRAIN, self.cycle),
+                progress=self.progress,
+                desc=f"train {self.name} c{self.cycle}",
+                auxiliary=self.auxiliary,
+                task=self.task,
+                targets=self.labels(labeled),
+            )
+        except NonFiniteError as err:
+            self.model = None  # diverged: never scored, evaluated or saved
+            raise NonFiniteError(f"cycle {self.cycle}, {err}") from None
         return self
 
     def _trained_member(self, indices: np.ndarray, member_seed: int) -> nn.Module:
@@ -282,7 +286,10 @@ class ActiveLearner:
             task=self.task,
         )
         with seeded_cpu(derive_seed(self.seed, STRATEGY, self.cycle)):
-            selection: Selection = self.strategy.query(ctx, k)
+            try:
+                selection: Selection = self.strategy.query(ctx, k)
+            except NonFiniteError as err:
+                raise NonFiniteError(f"cycle {self.cycle}, selection: {err}") from None
         self.queries.append(
             {
                 "cycle": self.cycle,

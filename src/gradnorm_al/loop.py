@@ -11,7 +11,7 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
-from .errors import ConfigError
+from .errors import ConfigError, NonFiniteError
 from .learner import ActiveLearner
 from .options import option
 from .pool import initial_count, initial_indices
@@ -151,6 +151,28 @@ def run_trial(
         learner.update(initial_indices(n, schedule.initial_fraction, rng(seed, INIT_POOL)))
     else:
         learner.load_state_dict(resume.learner)
+    try:
+        _cycles(learner, test, schedule, trial, records, k, on_cycle, on_state, on_trained)
+    except NonFiniteError as err:  # the last finished cycle's state stays on disk
+        raise NonFiniteError(
+            f"strategy {learner.strategy.name}, trial {trial}, {err} (the state of the last "
+            "finished cycle is kept)"
+        ) from None
+    return records
+
+
+def _cycles(
+    learner: ActiveLearner,
+    test: Dataset,
+    schedule: LoopConfig,
+    trial: int,
+    records: list[CycleRecord],
+    k: int,
+    on_cycle: Callable[[CycleRecord], None] | None,
+    on_state: Callable[[TrialState], None] | None,
+    on_trained: Callable[[int, nn.Module], None] | None,
+) -> None:
+    n, seed = learner.pool_size, learner.seed
     for cycle in range(len(records), schedule.cycles):
         labeled = len(learner.labeled)
         started = time.perf_counter()
@@ -187,4 +209,3 @@ def run_trial(
             on_state(TrialState(cycle + 1, learner.state_dict(include_model=not last), records[:]))
         if on_cycle is not None:
             on_cycle(records[-1])
-    return records

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ._torch import eval_mode, first_output
 from .data.batching import iter_batches
+from .errors import NonFiniteError
 from .options import option
 
 if TYPE_CHECKING:  # tasks sit above train in the layers; fit only calls their methods
@@ -28,7 +29,7 @@ class TrainConfig:
     """
 
     epochs: int = option(200, "epochs per cycle", ge=1)
-    lr: float = option(0.1, "SGD learning rate", ge=0.0)
+    lr: float = option(0.1, "SGD learning rate", gt=0.0)
     momentum: float = option(0.9, "SGD momentum", ge=0.0)
     weight_decay: float = option(5e-4, "weight decay", ge=0.0)
     milestones: list[int] | None = option(
@@ -105,6 +106,7 @@ def fit(
         optimizer, milestones=cfg.resolved_milestones(), gamma=cfg.gamma
     )
     model.train()
+    finite = torch.ones((), dtype=torch.bool, device=device)  # checked once per epoch: no sync
     epochs = tqdm(range(cfg.epochs), desc=desc, leave=False, unit="epoch", disable=not progress)
     for epoch in epochs:
         for x, y in iter_batches(
@@ -129,9 +131,15 @@ def fit(
                     else task.per_sample_loss(logits, y)
                 )
                 loss = per_sample.mean() + auxiliary.loss(per_sample, epoch, cfg.epochs)
+            finite &= torch.isfinite(loss.detach())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        if not bool(finite):
+            raise NonFiniteError(
+                f"epoch {epoch + 1}: the training loss is not finite (lr {cfg.lr:g}); lower "
+                "--lr, or check the data for NaN or infinite values"
+            )
         schedule.step()
     optimizer.zero_grad(set_to_none=True)
     model.eval()

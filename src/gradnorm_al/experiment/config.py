@@ -41,7 +41,8 @@ class _Setup:
     )
     norm: str = option(
         "tensor-sum",
-        "gradnorm aggregation: tensor-sum (published code) or l2 (Eq. 5)",
+        "aggregation of the gradnorm strategies: tensor-sum (published code) or l2 (Eq. 5); egl "
+        "keeps its own (l2; set it in strategy_params)",
         choices=SCALAR_NORMS,
     )
     pool_size: int | None = option(
@@ -85,7 +86,15 @@ class ExperimentConfig(TrainConfig, LoopConfig, _Setup):
         if not path.is_file():
             raise ConfigError(f"config file {path} is not a file; give a YAML file")
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"config file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        try:
+            values = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             first = str(exc).splitlines()[0] if str(exc) else "parse error"
             raise ConfigError(f"config file {path} is not valid YAML: {first}") from None

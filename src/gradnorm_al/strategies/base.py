@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from ..errors import ConfigError, PoolError, SelectionError
+from ..errors import ConfigError, NonFiniteError, PoolError, SelectionError
 from ..options import check_arguments
 from ..registry import Registry
 from ..tasks import Task, reduce_elements
@@ -162,6 +162,13 @@ class ScoringStrategy(Strategy):
                 raise SelectionError(
                     f"strategy {self.name} gave {scores.shape} scores for "
                     f"{len(ctx.candidates)} candidates"
+                )
+            bad = ~np.isfinite(scores)
+            if bad.any():
+                raise NonFiniteError(
+                    f"strategy {self.name} gave {int(bad.sum())} non-finite scores (NaN or "
+                    f"infinite) for {len(scores)} candidates: the model diverged or the data "
+                    "holds such values; nothing was selected"
                 )
         elif self.sampler.needs_scores:
             raise ConfigError(

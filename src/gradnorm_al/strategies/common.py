@@ -11,7 +11,7 @@ from torch import nn
 
 from .._torch import eval_mode, first_output, model_dtype, seeded_torch
 from ..data.batching import iter_batches
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError
 from .base import SelectionContext
 
 
@@ -25,7 +25,8 @@ def map_batches(
 ) -> torch.Tensor:
     """``fn(x)`` over the pool rows ``indices`` in batches of ``ctx.batch_size``, model (the
     context's by default) in eval mode; results concatenated on the CPU in the order of
-    ``indices``."""
+    ``indices``. A NaN or infinite result raises :class:`~gradnorm_al.errors.NonFiniteError`:
+    nothing downstream ranks or clusters such values silently."""
     model = ctx.model if model is None else model
     dtype = model_dtype(model)
     out = []
@@ -35,7 +36,15 @@ def map_batches(
             out.append(fn(x).cpu())
     if not out:
         raise ValueError("no samples to run the model on")
-    return torch.cat(out)
+    result = torch.cat(out)
+    if result.is_floating_point():
+        bad = ~torch.isfinite(result.reshape(len(result), -1)).all(dim=1)
+        if bad.any():
+            raise NonFiniteError(
+                f"the model's outputs for {int(bad.sum())} of {len(result)} samples are not "
+                "finite (NaN or infinite): the model diverged or the data holds such values"
+            )
+    return result
 
 
 def probabilities(
