@@ -19,8 +19,9 @@ queries made so far; see :mod:`gradnorm_al.seeding`), so a learner restored from
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -190,7 +191,7 @@ class ActiveLearner:
         if self.model is None or self.reinit:
             self._build_task_model()
         assert self.model is not None
-        try:
+        with self._named(diverged=True):
             fit(
                 self.model,
                 self.train_pool,
@@ -204,10 +205,18 @@ class ActiveLearner:
                 task=self.task,
                 targets=self.labels(labeled),
             )
-        except NonFiniteError as err:
-            self.model = None  # diverged: never scored, evaluated or saved
-            raise NonFiniteError(f"cycle {self.cycle}, {err}") from None
         return self
+
+    @contextlib.contextmanager
+    def _named(self, what: str = "", diverged: bool = False) -> Iterator[None]:
+        """Re-raise a :class:`NonFiniteError` with the cycle (and step) it happened in; a model
+        that ``diverged`` in training is dropped: never scored, evaluated or saved."""
+        try:
+            yield
+        except NonFiniteError as err:
+            if diverged:
+                self.model = None
+            raise NonFiniteError(f"cycle {self.cycle}, {what}{err}") from None
 
     def _trained_member(self, indices: np.ndarray, member_seed: int) -> nn.Module:
         """A fresh model trained like the task model on the labelled rows ``indices``."""
@@ -229,28 +238,30 @@ class ActiveLearner:
         self, dataset: Dataset, indices: np.ndarray | None = None, *, batch_size: int | None = None
     ) -> dict[str, float]:
         """The task's metrics of the model on a labelled ``dataset`` (its own targets)."""
-        return evaluate(
-            self._fitted(),
-            dataset,
-            self.task.metric_accumulator(),
-            indices,
-            device=self.device,
-            batch_size=batch_size or self.train_config.eval_batch_size,
-        )
+        with self._named():
+            return evaluate(
+                self._fitted(),
+                dataset,
+                self.task.metric_accumulator(),
+                indices,
+                device=self.device,
+                batch_size=batch_size or self.train_config.eval_batch_size,
+            )
 
     def evaluate_labeled(self) -> dict[str, float]:
         """The task's metrics on the labelled pool samples, with the labels given to the learner
         (the training accuracy of the paper's Table 3)."""
         labeled = self.labeled
-        return evaluate(
-            self._fitted(),
-            self.pool,
-            self.task.metric_accumulator(),
-            labeled,
-            device=self.device,
-            batch_size=self.train_config.eval_batch_size,
-            targets=self.labels(labeled),
-        )
+        with self._named():
+            return evaluate(
+                self._fitted(),
+                self.pool,
+                self.task.metric_accumulator(),
+                labeled,
+                device=self.device,
+                batch_size=self.train_config.eval_batch_size,
+                targets=self.labels(labeled),
+            )
 
     def _fitted(self) -> nn.Module:
         if self.model is None:
@@ -286,10 +297,8 @@ class ActiveLearner:
             task=self.task,
         )
         with seeded_cpu(derive_seed(self.seed, STRATEGY, self.cycle)):
-            try:
+            with self._named("selection: "):
                 selection: Selection = self.strategy.query(ctx, k)
-            except NonFiniteError as err:
-                raise NonFiniteError(f"cycle {self.cycle}, selection: {err}") from None
         self.queries.append(
             {
                 "cycle": self.cycle,

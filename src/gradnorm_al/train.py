@@ -106,7 +106,7 @@ def fit(
         optimizer, milestones=cfg.resolved_milestones(), gamma=cfg.gamma
     )
     model.train()
-    finite = torch.ones((), dtype=torch.bool, device=device)  # checked once per epoch: no sync
+    finite = torch.ones((), dtype=torch.bool, device=device)  # read once per epoch: no sync
     epochs = tqdm(range(cfg.epochs), desc=desc, leave=False, unit="epoch", disable=not progress)
     for epoch in epochs:
         for x, y in iter_batches(
@@ -135,10 +135,12 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        if not bool(finite):
+        weights = torch.stack([torch.isfinite(p).all() for p in params]).all()
+        if not bool(finite & weights.to(finite.device)):
+            what = "training loss" if not bool(finite) else "model's weights after the epoch"
             raise NonFiniteError(
-                f"epoch {epoch + 1}: the training loss is not finite (lr {cfg.lr:g}); lower "
-                "--lr, or check the data for NaN or infinite values"
+                f"epoch {epoch + 1}: the {what} are not finite (lr {cfg.lr:g}); lower --lr, or "
+                "check the data for NaN or infinite values"
             )
         schedule.step()
     optimizer.zero_grad(set_to_none=True)
@@ -192,8 +194,15 @@ def evaluate(
     targets: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """The task's metrics (``metrics``, a fresh accumulator) of ``model`` on ``dataset[indices]``
-    (all if None), eval mode; ``targets`` replaces the dataset's own labels."""
+    (all if None), eval mode; ``targets`` replaces the dataset's own labels. Outputs that are
+    not finite raise :class:`~gradnorm_al.errors.NonFiniteError` rather than score a metric."""
     with eval_mode(model):  # each submodule's own mode comes back afterwards
         for x, y in iter_batches(dataset, batch_size, indices, targets=targets):
-            metrics.update(first_output(model(x.to(device))), y)
+            output = first_output(model(x.to(device)))
+            if not bool(torch.isfinite(output).all()):
+                raise NonFiniteError(
+                    "evaluation: the model's outputs are not finite (NaN or infinite): the model "
+                    "diverged (lower --lr) or the data holds such values"
+                )
+            metrics.update(output, y)
     return metrics.compute()
