@@ -134,7 +134,8 @@ class RunReader:
                     raise RunDirectoryError(
                         f"{self.run_dir}: {strategy} trial {trial} cycle {cycle} selected samples "
                         "that were not its candidates; the folder's selections.jsonl does not "
-                        "belong to its config.yaml (or the data under its data_root changed since the run)"
+                        "belong to its config.yaml (or the data under its data_root changed "
+                        "since the run)"
                     )
                 pool.label(selected, cycle + 1)
             views.append(CycleView(strategy, trial, cycle, labeled, candidates, selected))
