@@ -133,8 +133,10 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
             f"{out_dir}, or pass --overwrite to replace it"
         )
     if not holds_run:
-        others = [p.name for p in out_dir.iterdir() if p.name != LOCK_FILE]
-        clash = [n for n in others if n in RUN_FILES or n in RUN_FOLDERS or is_temporary(n)]
+        # a killed writer's temporary files are ours to remove (we hold the lock)
+        others = [n.name for n in out_dir.iterdir() if n.name != LOCK_FILE]
+        others = [n for n in others if not is_temporary(n)]
+        clash = [n for n in others if n in RUN_FILES or n in RUN_FOLDERS]
         if clash or (overwrite and others):
             what = f"files a run writes ({', '.join(sorted(clash))})" if clash else "files"
             raise RunDirectoryError(
