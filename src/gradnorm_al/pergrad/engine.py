@@ -407,13 +407,17 @@ class _Engine:
         return {name: torch.cat(r) for name, r in rows.items()}
 
     # ------------------------------------------------------------------ where the batch is
-    def _reference(self, n: int, x: torch.Tensor) -> tuple[int, dict]:
-        """Shapes seen by every hooked module at a batch size other than n: an earlier chunk's,
-        or a probe: a no-grad forward of the chunk's first m samples (m = 2, or 1 when n = 2)."""
-        for m, seen in self.observed.items():
-            if m != n:
-                return m, seen
-        m = 2 if n > 2 else 1
+    def _reference(self, n: int, x: torch.Tensor, m: int | None = None) -> tuple[int, dict]:
+        """Shapes seen by every hooked module at a batch size m other than n: an earlier
+        chunk's, or a probe: a no-grad forward of the chunk's first m samples (m = 1 unless
+        asked: a forward of one sample is the cheapest)."""
+        if m is None:
+            for size, seen in self.observed.items():
+                if size != n:
+                    return size, seen
+            m = 1
+        if m in self.observed:
+            return m, self.observed[m]
         self.probing, self.probe_calls = True, {}
         try:
             with torch.no_grad():
@@ -453,7 +457,26 @@ class _Engine:
                 ):
                     self._reroute(call, "does not carry the batch in dim 0")
             return
-        m, seen = self._reference(n, x)
+        try:
+            found = self._find_batch_dims(calls, n, *self._reference(n, x))
+        except _NeedsWholeModelFallback:
+            # a batch of one may change ranks (a model that squeezes its tensors): look again
+            # at a batch of two before giving up on the batched path
+            if n <= 2 or 2 in self.observed:
+                raise
+            found = self._find_batch_dims(calls, n, *self._reference(n, x, 2))
+        for call, (in_dims, out_dims, reroute) in zip(calls, found):
+            call.in_dims, call.out_dims = in_dims, out_dims
+            if reroute:
+                self._reroute(call, "carries the batch in another dimension than 0")
+        self.observed.setdefault(n, {c.module: c.shapes for c in self.calls.values()})
+
+    @staticmethod
+    def _find_batch_dims(calls: list[_Call], n: int, m: int, seen: dict) -> list[tuple]:
+        """(input dims, output dims, whether a rule must give way to the per-module fallback)
+        per call, from its shapes at n and at m; raises _NeedsWholeModelFallback where the
+        batch cannot be split per module."""
+        found = []
         for call in calls:
             name = type(call.module).__name__
             if call.module not in seen:
@@ -463,27 +486,27 @@ class _Engine:
                 raise _NeedsWholeModelFallback(
                     f"the inputs or outputs of {name} depend on the batch size"
                 )
-            call.in_dims = [_batch_dim(a, n, b, m) for a, b in zip(ins, ins_m)]
-            call.out_dims = [_batch_dim(a, n, b, m) for a, b in zip(outs, outs_m)]
-            grad_dims = [call.out_dims[i] for i in call.grad_outputs]
+            in_dims = [_batch_dim(a, n, b, m) for a, b in zip(ins, ins_m)]
+            out_dims = [_batch_dim(a, n, b, m) for a, b in zip(outs, outs_m)]
+            grad_dims = [out_dims[i] for i in call.grad_outputs]
             if any(d is None for d in grad_dims):
                 raise _NeedsWholeModelFallback(
                     f"the output of {name} does not carry the batch (a tensor computed without "
                     "the input, e.g. a positional table broadcast over the batch)"
                 )
-            if _MIXED in grad_dims or _MIXED in call.in_dims:
+            if _MIXED in grad_dims or _MIXED in in_dims:
                 raise _NeedsWholeModelFallback(
                     f"the batch of {name}'s inputs or outputs is not one dimension of them"
                 )
-            if call.rule is not None and (
-                call.in_dims[:1] != [0] or any(d != 0 for d in grad_dims)
-            ):
-                self._reroute(call, "carries the batch in another dimension than 0")
-            if call.rule is None and all(d is None for d in call.in_dims):
+            reroute = call.rule is not None and (
+                in_dims[:1] != [0] or any(d != 0 for d in grad_dims)
+            )
+            if (call.rule is None or reroute) and all(d is None for d in in_dims):
                 raise _NeedsWholeModelFallback(
                     f"the output of {name} carries the batch but none of its inputs does"
                 )
-        self.observed.setdefault(n, {c.module: c.shapes for c in self.calls.values()})
+            found.append((in_dims, out_dims, reroute))
+        return found
 
     def _reroute(self, call: _Call, why: str) -> None:
         name = type(call.module).__name__
@@ -507,6 +530,10 @@ class _Engine:
         try:
             for module in self.fusable:
                 module.forward = self._fused_forward(module)
+            if x.shape[0] > 1 and all(size == x.shape[0] for size in self.observed):
+                # the probe (see _reference) runs before the chunk's forward: between the forward
+                # and the backward it would evict what the backward reads next (measured)
+                self._reference(x.shape[0], x)
             self.active = True
             # the input itself does not require grad: the backward ends at the output edges of
             # the first modules, so no gradient w.r.t. the raw input is ever computed
