@@ -338,8 +338,8 @@ class _Engine:
 
     # ------------------------------------------------------------------ per-layer work
     def _check_unmodified(self, call: _Call) -> None:
-        tensors = [a for a in call.args if isinstance(a, torch.Tensor)]
-        if tuple(a._version for a in tensors) != call.versions:
+        leaves = tree_leaves((call.args, call.kwargs))  # as in _forward_hook
+        if tuple(a._version for a in leaves if isinstance(a, torch.Tensor)) != call.versions:
             raise _NeedsWholeModelFallback(
                 f"the input of {type(call.module).__name__} was modified in place after use"
             )
