@@ -758,3 +758,31 @@ def test_the_whole_model_falls_back_to_one_backward_per_sample_where_torch_func_
     _assert_exact(model, x, norms=["l2"], warn=True)
     with pytest.warns(FallbackWarning, match="one backward pass per sample for the whole model"):
         per_sample_grad_norms(model, x, entropy_loss)
+
+
+class RecurrentWithState(nn.Module):
+    """An LSTM given an initial state (h0, c0) computed from the input (a nested argument whose
+    batch is in dim 1), sequence first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.init = nn.Linear(3, 2 * 4)
+        self.rnn = nn.LSTM(3, 4, num_layers=2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h0, c0 = torch.tanh(self.init(x[:, 0])).chunk(2, dim=1)  # [N, 4] each
+        state = (h0.expand(2, -1, -1).contiguous(), c0.expand(2, -1, -1).contiguous())
+        return self.fc(self.rnn(x.transpose(0, 1), state)[0][-1])
+
+
+def test_a_recurrent_layer_with_an_initial_state_argument_is_exact():
+    torch.manual_seed(0)
+    model, x = RecurrentWithState().double(), _sequences(SEQ, tokens=False)
+    _assert_exact(model, x, warn=True)
+    with warnings.catch_warnings(record=True) as caught:  # the LSTM alone falls back
+        warnings.simplefilter("always")
+        per_sample_grad_norms(model, x, entropy_loss)
+    assert not any("whole model" in str(w.message) for w in caught), [
+        str(w.message) for w in caught
+    ]
