@@ -32,15 +32,17 @@ defined then; the reference is one backward per sample).
 
 Exactness guards. The autograd graph is walked to find every trainable parameter the loss reaches;
 each must be owned by a module that ran exactly once and whose rule covered it, and must feed the
-graph through exactly one edge. Anything else (tied or shared weights, a module called twice,
-parameters used outside their module, BatchNorm without running statistics, an output without
-the batch, a PackedSequence) makes the chunk fall back to an exact whole-model path with one
-warning: ``torch.func``, or one plain backward pass per sample where torch.func cannot run the
+graph through exactly one edge; a parameter of a module without a rule must be read only by graph
+nodes its module's forward made (autograd sequence numbers, taken in a pre-hook and the forward
+hook of such modules only, bracket that forward). Anything else (tied or shared weights, a module
+called twice, parameters used outside their module, BatchNorm without running statistics, an output
+without the batch, a PackedSequence) makes the chunk fall back to an exact whole-model path with
+one warning: ``torch.func``, or one plain backward pass per sample where torch.func cannot run the
 model (recurrent layers). Modules without a rule get an exact per-module fallback: per-sample
-vector-Jacobian products of that module via ``torch.func`` (vmap), or, for ``nn.LSTM`` /
-``nn.GRU`` / ``nn.RNN`` (any layers, directions, ``batch_first``; their kernels do not run
-under vmap) and wherever vmap fails, one autograd backward of the module per sample. Every
-fallback emits :class:`FallbackWarning`; no path returns a number that is not exact.
+vector-Jacobian products of that module via ``torch.func`` (vmap), or, for ``nn.LSTM`` / ``nn.GRU``
+/ ``nn.RNN`` (any layers, directions, ``batch_first``; their kernels do not run under vmap) and
+wherever vmap fails, one autograd backward of the module per sample. Every fallback emits
+:class:`FallbackWarning`; no path returns a number that is not exact.
 """
 
 from __future__ import annotations
@@ -165,13 +167,17 @@ def _owned(module: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _reached_parameters(
-    root: torch.autograd.graph.Node | None, watched: dict[tuple, int]
+    root: torch.autograd.graph.Node | None,
+    watched: dict[tuple, int],
+    tracked: dict[int, list[int]] | None = None,
 ) -> tuple[dict[int, int], set[torch.autograd.graph.Node]]:
     """id(leaf tensor) -> number of graph edges into its AccumulateGrad node, for every leaf that
     requires grad and that the loss reaches; and the set of graph nodes the loss reaches.
     ``watched`` maps (node, output number) keys to 0 and gets the number of reached edges into
-    each (how many graph nodes read that output)."""
+    each (how many graph nodes read that output). ``tracked`` maps ids of leaves to empty lists
+    and gets the sequence numbers (creation order) of the reached nodes that read each."""
     edges: dict[int, int] = {}
+    tracked = {} if tracked is None else tracked
     seen: set[torch.autograd.graph.Node] = set()
     stack = [root]
     while stack:
@@ -185,6 +191,8 @@ def _reached_parameters(
             if hasattr(child, "variable"):
                 key = id(child.variable)
                 edges[key] = edges.get(key, 0) + 1
+                if key in tracked:
+                    tracked[key].append(node._sequence_nr())
             elif (child, nr) in watched:
                 watched[child, nr] += 1
             stack.append(child)
@@ -222,6 +230,11 @@ class _Engine:
         self.fallback_types = sorted(
             {type(m).__name__ for m, r in self.hooked.items() if r is None}
         )
+        # modules without a rule: the autograd sequence numbers at the start and end of their
+        # forward, per chunk (a node created in between was created by their forward)
+        self.windowed = [m for m, r in self.hooked.items() if r is None]
+        self.windows: dict[nn.Module, list[int]] = {}
+        self.tick = torch.zeros((), requires_grad=True)
         # eval-mode BatchNorms whose backward the engine runs itself (see _FusedBatchNorm): their
         # input's gradient edge and their own graph node, per chunk
         self.fusable = [m for m, r in self.hooked.items() if r is batchnorm_rule]
@@ -252,6 +265,8 @@ class _Engine:
         if module in self.calls:
             self.reused = True
             return None
+        if module in self.windows:
+            self.windows[module].append(self._stamp())
         call = _Call(module, self.hooked[module])
         self.calls[module] = call
         inputs = tree_leaves((args, kwargs))
@@ -281,6 +296,30 @@ class _Engine:
                 out.register_hook(self._grad_hook(call, i))
         call.grad_outputs = tuple(grad_outputs)
         return None
+
+    def _pre_hook(self, module, args) -> None:
+        if self.active and module not in self.windows:
+            self.windows[module] = [self._stamp()]
+
+    def _stamp(self) -> int:
+        """The autograd sequence number of a node made now (nodes are numbered in creation
+        order, per thread)."""
+        with torch.enable_grad():
+            return (self.tick * 1).grad_fn._sequence_nr()
+
+    def _check_windows(self, tracked: dict[int, list[int]]) -> None:
+        """A parameter of a module without a rule must be read only by nodes its module's forward
+        made: the per-module fallback differentiates that forward alone (a use outside it, e.g.
+        ``h * act.weight`` next to ``act(h)``, would be missed: 20% off before this check)."""
+        for module, window in self.windows.items():
+            if len(window) != 2:
+                continue
+            start, end = window
+            for p in self.owned[module].values():
+                if any(not start < nr < end for nr in tracked.get(id(p), ())):
+                    raise _NeedsWholeModelFallback(
+                        f"a parameter of {type(module).__name__} is also used outside it"
+                    )
 
     def _grad_hook(self, call: _Call, index: int) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
@@ -546,9 +585,11 @@ class _Engine:
             )
         self.calls, self.roots, self.reused = {}, [], False
         self.fused, self.first_layer = {}, {}
+        self.windows = {}
         handles = [
             m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self.hooked
         ]
+        handles += [m.register_forward_pre_hook(self._pre_hook) for m in self.windowed]
         try:
             for module in self.fusable:
                 module.forward = self._fused_forward(module)
@@ -569,7 +610,9 @@ class _Engine:
                 raise _NeedsWholeModelFallback("a module is called more than once per forward")
             self.active = False  # the forward is done (the probe must not record)
             readers = {(edge.node, edge.output_nr): 0 for edge, _, _ in self.roots}
-            edges, nodes = _reached_parameters(loss.grad_fn, readers)
+            tracked = {id(p): [] for m in self.windows for p in self.owned[m].values()}
+            edges, nodes = _reached_parameters(loss.grad_fn, readers, tracked)
+            self._check_windows(tracked)
             self._batch_dims(x.shape[0], x, edges)
             roots = [r for r in self.roots if r[0].node in nodes]
             for bn, (edge, node) in self.fused.items():
