@@ -308,7 +308,21 @@ class Unvisited(nn.Module):
         return F.linear(x, self.a.weight, self.a.bias)  # the module itself never runs
 
 
-@pytest.mark.parametrize("cls", [Tied, Twice, Outside, Unvisited])
+class OutsideNoRule(nn.Module):
+    """A parameter of a module without a rule (PReLU) also used outside it: the per-module
+    fallback alone would miss that use (20% off before the engine checked for it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.act = nn.PReLU(4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.b(self.act(self.a(x)) * self.act.weight)
+
+
+@pytest.mark.parametrize("cls", [Tied, Twice, Outside, Unvisited, OutsideNoRule])
 def test_shared_and_outside_parameters_fall_back_exactly(cls):
     torch.manual_seed(0)
     _assert_exact(cls().double(), torch.randn(5, 4, dtype=torch.float64), warn=True)
