@@ -308,7 +308,21 @@ class Unvisited(nn.Module):
         return F.linear(x, self.a.weight, self.a.bias)  # the module itself never runs
 
 
-@pytest.mark.parametrize("cls", [Tied, Twice, Outside, Unvisited])
+class OutsideNoRule(nn.Module):
+    """A parameter of a module without a rule (PReLU) also used outside it: the per-module
+    fallback alone would miss that use (20% off before the engine checked for it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.act = nn.PReLU(4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.b(self.act(self.a(x)) * self.act.weight)
+
+
+@pytest.mark.parametrize("cls", [Tied, Twice, Outside, Unvisited, OutsideNoRule])
 def test_shared_and_outside_parameters_fall_back_exactly(cls):
     torch.manual_seed(0)
     _assert_exact(cls().double(), torch.randn(5, 4, dtype=torch.float64), warn=True)
@@ -567,3 +581,222 @@ def test_random_architectures_match_the_loop(spec):
         _assert_exact(model, x, norms=["per-tensor"])
     finally:
         layer_rules.FORCE_METHOD = old
+
+
+# ------------------------------------------------------- modules without the batch in dim 0
+# (issue 15): a positional table broadcast over the batch, a Linear or an Embedding applied to a
+# tensor that is not computed from the batch, a sequence-first layout (batch in dim 1), and
+# recurrent layers. With the batch size equal to the sequence length such modules look batched
+# by their shapes alone; the engine must find them and stay exact (or refuse), never be wrong.
+SEQ = 5  # sequence length: the batch sizes below include SEQ itself
+
+
+class PositionTable(nn.Module):
+    """A learned positional table: returns its first L rows [L, D], not one row per sample."""
+
+    def __init__(self, length: int, dim: int) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(length, dim))
+
+    def forward(self, x):
+        return self.pos[: x.shape[1]]
+
+
+class Positional(nn.Module):
+    """Tokens (or float features) plus a broadcast positional term, LayerNorm, mean-pooled head.
+    ``kind``: "table" (PositionTable), "embedding" (an nn.Embedding of arange(L), GPT-2 style) or
+    "linear" (a Linear applied to the table's rows: a rule on a tensor without batch)."""
+
+    def __init__(self, kind: str, tokens: bool = True, dim: int = 4) -> None:
+        super().__init__()
+        self.kind, self.tokens = kind, tokens
+        self.inp = nn.Embedding(9, dim) if tokens else nn.Linear(3, dim)
+        if kind == "embedding":
+            self.pos = nn.Embedding(SEQ + 2, dim)
+        else:
+            self.pos = PositionTable(SEQ + 2, dim)
+            self.mix = nn.Linear(dim, dim) if kind == "linear" else None
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        if self.kind == "embedding":
+            pos = self.pos(torch.arange(x.shape[1], device=x.device))
+        else:
+            pos = self.pos(x)
+            if self.mix is not None:
+                pos = self.mix(pos)
+        return self.fc(torch.tanh(self.norm(h + pos)).mean(dim=1))
+
+
+def _sequences(n: int, tokens: bool, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if tokens:
+        return torch.randint(0, 9, (n, SEQ), generator=g)
+    return torch.randn(n, SEQ, 3, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["table", "embedding", "linear"])
+@pytest.mark.parametrize("n, chunk", [(SEQ, None), (3, None), (8, None), (12, SEQ), (1, None)])
+def test_a_positional_term_without_batch_dimension_is_exact(kind, n, chunk):
+    torch.manual_seed(0)
+    model = Positional(kind).double()
+    # n == 1: one sample's gradient is the batch gradient, but the positional term still has L
+    # rows, not one: the engine still has to route it to a fallback
+    _assert_exact(model, _sequences(n, tokens=True), chunk_size=chunk, warn=True)
+
+
+def test_a_linear_on_a_broadcast_parameter_with_float_input_is_exact():
+    torch.manual_seed(0)
+    model = Positional("linear", tokens=False).double()
+    for n in (SEQ, 2, 7):
+        _assert_exact(model, _sequences(n, tokens=False, seed=n), warn=True)
+
+
+class SequenceFirst(nn.Module):
+    """Linear, LayerNorm and Linear on the sequence-first layout [L, N, D] (batch in dim 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 4)
+        self.norm = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.norm(self.inp(x.transpose(0, 1))))  # [L, N, 4]
+        return self.fc(h).mean(dim=0)
+
+
+@pytest.mark.parametrize("n", [SEQ, 2, 7])
+def test_modules_with_the_batch_in_dim_1_are_exact(n):
+    torch.manual_seed(0)
+    _assert_exact(SequenceFirst().double(), _sequences(n, tokens=False), warn=True)
+
+
+class Recurrent(nn.Module):
+    """A text classifier: embedding (or float features), a recurrent layer, and a head reading both
+    the mean of the output sequence and the last layer's final hidden state."""
+
+    def __init__(self, cell, layers: int, bidirectional: bool, batch_first: bool, tokens: bool):
+        super().__init__()
+        self.batch_first, self.tokens = batch_first, tokens
+        self.layers, self.directions = layers, 2 if bidirectional else 1
+        self.inp = nn.Embedding(9, 3) if tokens else None
+        self.rnn = cell(
+            3, 4, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first
+        )
+        self.fc = nn.Linear(2 * 4 * self.directions, 3)
+
+    def forward(self, x):
+        h = self.inp(x) if self.tokens else x
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        out, state = self.rnn(h)
+        hidden = state[0] if isinstance(state, tuple) else state  # LSTM: (h_n, c_n)
+        last = hidden.view(self.layers, self.directions, -1, 4)[-1]  # [directions, N, 4]
+        last = last.transpose(0, 1).flatten(1)
+        pooled = out.mean(dim=1 if self.batch_first else 0)
+        return self.fc(torch.cat([pooled, last], dim=1))
+
+
+RNN_CASES = [  # layers, bidirectional, batch_first, tokens
+    (1, False, True, True),
+    (2, True, False, True),
+    (2, False, False, False),
+    (1, True, True, False),
+]
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("case", RNN_CASES, ids=lambda c: "-".join(str(int(v)) for v in c))
+def test_recurrent_layers_are_exact(cell, case):
+    layers, bidirectional, batch_first, tokens = case
+    torch.manual_seed(0)
+    model = Recurrent(cell, layers, bidirectional, batch_first, tokens).double()
+    # the batch size equals the sequence length, and (2 layers x 2 directions) the state's dim 0
+    n = SEQ if layers * (2 if bidirectional else 1) != 4 else 4
+    x = _sequences(n, tokens)
+    _assert_exact(model, x, norms=["per-tensor"], warn=True)
+
+
+class Squeezing(nn.Module):
+    """Squeezes its pooled features: at a batch of one the head sees [C], not [1, C] (the
+    logits get their batch dimension back at the end)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        features = F.adaptive_avg_pool2d(torch.tanh(self.conv(x)), 1).squeeze()
+        return self.fc(features).view(x.shape[0], -1)
+
+
+def test_a_model_that_squeezes_its_batch_of_one_keeps_the_batched_path():
+    torch.manual_seed(0)
+    _assert_exact(Squeezing().double(), torch.randn(4, 1, 5, 5, dtype=torch.float64))
+
+
+def test_one_probe_of_one_sample_per_call():
+    """The batch dimension is found from the chunk's shapes and those of one probe forward of
+    one sample (later chunks of other sizes compare with earlier ones)."""
+    seen = []
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)).double()
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    x = torch.randn(7, 1, 4, 4, dtype=torch.float64)
+    _assert_exact(model, x, norms=["per-tensor"], chunk_size=3)
+    assert seen[7:] == [1, 3, 3, 1]  # after the loop's 7 forwards: probe, then the chunks
+
+
+class RecurrentWithPositions(nn.Module):
+    """A positional table (no batch) before an LSTM: torch.func cannot run the LSTM, so the whole
+    model is scored by one backward per sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = PositionTable(SEQ, 3)
+        self.rnn = nn.LSTM(3, 4, batch_first=True)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x + self.pos(x))[0][:, -1])
+
+
+def test_the_whole_model_falls_back_to_one_backward_per_sample_where_torch_func_fails():
+    torch.manual_seed(0)
+    model = RecurrentWithPositions().double()
+    x = _sequences(SEQ, tokens=False)
+    _assert_exact(model, x, norms=["l2"], warn=True)
+    with pytest.warns(FallbackWarning, match="one backward pass per sample for the whole model"):
+        per_sample_grad_norms(model, x, entropy_loss)
+
+
+class RecurrentWithState(nn.Module):
+    """An LSTM given an initial state (h0, c0) computed from the input (a nested argument whose
+    batch is in dim 1), sequence first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.init = nn.Linear(3, 2 * 4)
+        self.rnn = nn.LSTM(3, 4, num_layers=2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h0, c0 = torch.tanh(self.init(x[:, 0])).chunk(2, dim=1)  # [N, 4] each
+        state = (h0.expand(2, -1, -1).contiguous(), c0.expand(2, -1, -1).contiguous())
+        return self.fc(self.rnn(x.transpose(0, 1), state)[0][-1])
+
+
+def test_a_recurrent_layer_with_an_initial_state_argument_is_exact():
+    torch.manual_seed(0)
+    model, x = RecurrentWithState().double(), _sequences(SEQ, tokens=False)
+    _assert_exact(model, x, warn=True)
+    with warnings.catch_warnings(record=True) as caught:  # the LSTM alone falls back
+        warnings.simplefilter("always")
+        per_sample_grad_norms(model, x, entropy_loss)
+    assert not any("whole model" in str(w.message) for w in caught), [
+        str(w.message) for w in caught
+    ]
