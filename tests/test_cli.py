@@ -581,7 +581,9 @@ def test_config_file_with_bad_yaml(capsys: pytest.CaptureFixture[str], tmp_path:
     config_file = tmp_path / "exp.yaml"
     config_file.write_text("epochs: [1\ncycles: 2\n", encoding="utf-8")
     line = expect_usage_error(capsys, "run", "--config", str(config_file), *TINY)
-    assert f"config file {config_file} is not valid YAML" in line
+    # the bracket opened on line 1 is not closed: the line, what is wrong and the fix
+    assert line.startswith(f"gradnorm-al: error: {config_file}:1: not valid YAML (")
+    assert line.endswith("; correct the YAML syntax there")
 
 
 def test_config_file_not_a_mapping(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

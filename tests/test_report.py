@@ -240,3 +240,267 @@ def test_single_trial_report_marks_no_test(tmp_path):
     assert "| a vs b | +10.00 | — | 1 | 1 | no test possible (n = 1 < 2) |" in (
         result.markdown_path.read_text()
     )
+
+
+# ------------------------------------------------------------------ damaged or hand-edited files
+RESULTS_HEADER = (
+    "strategy,trial,cycle,num_labeled,labeled_fraction,test_accuracy,train_accuracy,"
+    "train_seconds,select_seconds,seed"
+)
+
+
+def set_field(run: Path, line: int, name: str, value: str) -> None:
+    """Write ``value`` into column ``name`` of results.csv's line ``line`` (1 = the header)."""
+    lines = (run / "results.csv").read_text().splitlines()
+    fields = lines[line - 1].split(",")
+    fields[lines[0].split(",").index(name)] = value
+    lines[line - 1] = ",".join(fields)
+    (run / "results.csv").write_text("\n".join(lines) + "\n")
+
+
+def edit_line(run: Path, name: str, line: int, edit) -> None:
+    """Replace line ``line`` (from 1) of the file ``name`` by ``edit(line_bytes)``."""
+    lines = (run / name).read_bytes().split(b"\n")
+    lines[line - 1] = edit(lines[line - 1])
+    (run / name).write_bytes(b"\n".join(lines))
+
+
+def drop_column(run: Path, name: str) -> None:
+    lines = (run / "results.csv").read_text().splitlines()
+    k = lines[0].split(",").index(name)
+    rows = [",".join(f for i, f in enumerate(line.split(",")) if i != k) for line in lines]
+    (run / "results.csv").write_text("\n".join(rows) + "\n")
+
+
+def config_line(run: Path, key: str) -> int:
+    lines = (run / "config.yaml").read_text().splitlines()
+    return next(i for i, line in enumerate(lines, start=1) if line.startswith(f"{key}:"))
+
+
+def set_option(run: Path, key: str, text: str | bytes) -> int:
+    """Replace the line of option ``key`` in config.yaml by ``text``; return its number."""
+    line = config_line(run, key)
+    data = text if isinstance(text, bytes) else text.encode()
+    edit_line(run, "config.yaml", line, lambda _: data)
+    return line
+
+
+# results.csv of write_run(CURVES): line 1 the header, lines 2-4 a t0 c0-c2, 5-7 b t0, 8-10 c t0,
+# 11-13 a t1 ...; selections.jsonl: cycles 0 and 1 of a t0 (lines 1-2), b t0 (3-4), ...
+DAMAGES = {
+    # id: (file, damage(run) -> line, what the message says)
+    "accuracy-nan": (
+        "results.csv",
+        lambda run: set_field(run, 3, "test_accuracy", "nan") or 3,
+        "test_accuracy must be a finite number, got 'nan'",
+    ),
+    "accuracy-above-1": (
+        "results.csv",
+        lambda run: set_field(run, 4, "test_accuracy", "5.0") or 4,
+        "test_accuracy must be a fraction in [0, 1], got 5.0",
+    ),
+    "train-accuracy-inf": (
+        "results.csv",
+        lambda run: set_field(run, 9, "train_accuracy", "inf") or 9,
+        "train_accuracy must be a finite number",
+    ),
+    "cycle-negative": (
+        "results.csv",
+        lambda run: set_field(run, 2, "cycle", "-7") or 2,
+        "cycle must be a whole number >= 0, got '-7'",
+    ),
+    "cycle-not-integer": (
+        "results.csv",
+        lambda run: set_field(run, 3, "cycle", "1.5") or 3,
+        "cycle must be a whole number >= 0, got '1.5'",
+    ),
+    "cycle-beyond-config": (
+        "results.csv",
+        lambda run: set_field(run, 4, "cycle", "9") or 4,
+        "cycle 9 is beyond config.yaml's 3 cycles (0 to 2)",
+    ),
+    "trial-word": (
+        "results.csv",
+        lambda run: set_field(run, 6, "trial", "one") or 6,
+        "trial must be a whole number >= 0, got 'one'",
+    ),
+    "strategy-not-in-config": (
+        "results.csv",
+        lambda run: set_field(run, 5, "strategy", "bb") or 5,
+        "strategy 'bb' is not among config.yaml's strategies (a, b, c)",
+    ),
+    "row-repeated": (
+        "results.csv",
+        lambda run: set_field(run, 3, "cycle", "0") or 3,
+        "a trial 0 cycle 0 is already on line 2",
+    ),
+    "fraction-not-growing": (
+        "results.csv",
+        lambda run: set_field(run, 4, "labeled_fraction", "0.1") or 4,
+        "labeled_fraction 0.1 of cycle 2 is not above cycle 1's 0.15",
+    ),
+    "empty-value": (
+        "results.csv",
+        lambda run: set_field(run, 7, "train_seconds", "") or 7,
+        "train_seconds is empty",
+    ),
+    "column-missing": (
+        "results.csv",
+        lambda run: drop_column(run, "test_accuracy") or 1,
+        "the header lacks the column(s) test_accuracy",
+    ),
+    "fields-missing": (
+        "results.csv",
+        lambda run: edit_line(run, "results.csv", 5, lambda b: b.rsplit(b",", 2)[0]) or 5,
+        "8 fields where the header has 10",
+    ),
+    "binary-bytes": (
+        "results.csv",
+        lambda run: edit_line(run, "results.csv", 3, lambda _: b"\x89PNG\r\x00\x1a\xff") or 3,
+        "is not UTF-8 text",
+    ),
+    "not-utf8": (
+        "results.csv",
+        lambda run: edit_line(run, "results.csv", 8, lambda b: b.replace(b"c,", b"\xe9,", 1)) or 8,
+        "byte 0xe9 is not UTF-8 text",
+    ),
+    "selection-truncated": (
+        "selections.jsonl",
+        lambda run: edit_line(run, "selections.jsonl", 2, lambda b: b[: len(b) // 2]) or 2,
+        "not a JSON object",
+    ),
+    "selection-not-json": (
+        "selections.jsonl",
+        lambda run: edit_line(run, "selections.jsonl", 1, lambda _: b"selected 10 samples") or 1,
+        "not a JSON object",
+    ),
+    "selection-negative-index": (
+        "selections.jsonl",
+        lambda run: (
+            edit_line(run, "selections.jsonl", 3, lambda b: b.replace(b"[", b"[-4, ", 1)) or 3
+        ),
+        "indices must be whole numbers >= 0, got -4",
+    ),
+    "selection-fractional-index": (
+        "selections.jsonl",
+        lambda run: (
+            edit_line(run, "selections.jsonl", 4, lambda b: b.replace(b"[", b"[2.5, ", 1)) or 4
+        ),
+        "indices must be whole numbers >= 0, got 2.5",
+    ),
+    "config-bad-yaml": (
+        "config.yaml",
+        lambda run: set_option(run, "cycles", "cycles: [3"),
+        "not valid YAML",
+    ),
+    "config-wrong-type": (
+        "config.yaml",
+        lambda run: set_option(run, "epochs", "epochs: many"),
+        "epochs must be an integer >= 1, got 'many'",
+    ),
+    "config-unknown-option": (
+        "config.yaml",
+        lambda run: set_option(run, "lr", "lr_typo: 0.1"),
+        "unknown option 'lr_typo'",
+    ),
+    "config-repeated-option": (
+        "config.yaml",
+        lambda run: max(config_line(run, "epochs"), set_option(run, "lr", "epochs: 1")),
+        "option 'epochs' is already set on line",
+    ),
+    "config-not-a-mapping": (
+        "config.yaml",
+        lambda run: (run / "config.yaml").write_text("- digits\n- random\n") and 1,
+        "must hold a mapping of options",
+    ),
+    "config-not-utf8": (
+        "config.yaml",
+        lambda run: set_option(run, "model", b"model: sm\xe4llcnn"),
+        "is not UTF-8 text",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGES))
+def test_damaged_run_files_give_one_line_errors(tmp_path, capsys, case):
+    """`report` and `analyze` on a damaged or hand-edited run folder: exit status 2 and one line
+    `gradnorm-al: error: <file>:<line>: <what>; <fix>`, never a traceback or a silently wrong
+    table."""
+    from gradnorm_al.cli import main
+
+    run = write_run(tmp_path / "run", CURVES)
+    name, damage, what = DAMAGES[case]
+    line = damage(run)
+    commands = [["report", str(run), "--out", str(tmp_path / "out")], ["analyze", "topk-overlap"]]
+    if name != "selections.jsonl":  # the results-only analyses do not read the selections
+        commands += [["analyze", "generalization-gap"], ["analyze", "timing"]]
+    for argv in commands:
+        argv = argv if argv[0] == "report" else [*argv, str(run)]
+        capsys.readouterr()
+        code = main(argv)
+        out, err = capsys.readouterr()
+        assert code == 2, (argv, code, out, err)
+        assert "Traceback" not in err and err.count("\n") == 1 and err.endswith("\n"), err
+        prefix = f"gradnorm-al: error: {run / name}:{line}: "
+        assert err.startswith(prefix), (argv, err, prefix)
+        assert what in err and "; " in err[len(prefix) :], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_damaged_selections_through_a_real_process(tmp_path):
+    import subprocess
+    import sys
+
+    run = write_run(tmp_path / "run", CURVES)
+    edit_line(run, "selections.jsonl", 2, lambda b: b[:20])
+    done = subprocess.run(
+        [sys.executable, "-m", "gradnorm_al", "report", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith(f"gradnorm-al: error: {run / 'selections.jsonl'}:2: not a JSON")
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_results_written_by_the_store_read_back_unchanged(tmp_path):
+    from gradnorm_al.experiment.results import read_results, read_selections
+
+    run = write_run(tmp_path / "run", CURVES)
+    rows = read_results(run / "results.csv", ExperimentConfig.from_yaml(run / "config.yaml"))
+    assert len(rows) == 18 and rows[0]["strategy"] == "a" and rows[2]["select_seconds"] is None
+    assert rows[1]["test_accuracy"] == 0.7 and rows[1]["cycle"] == 1
+    selections = read_selections(run / "selections.jsonl")
+    assert len(selections) == 12
+    record = selections[("b", 1, 1)]
+    assert record.indices.tolist() == [15, 16, 17, 18, 19] and record.line == 10
+
+
+def test_the_fix_named_for_a_damaged_run_file_works(tmp_path, capsys):
+    """A real run keeps its checkpoints: the error says `run --resume DIR` rewrites the damaged
+    file, and it does, byte for byte."""
+    from gradnorm_al.cli import main
+
+    run = tmp_path / "run"
+    tiny = ["--dataset", "digits", "--epochs", "1", "--trials", "1", "--cycles", "2", "--quiet"]
+    assert main(["run", *tiny, "--strategy", "entropy", "--out", str(run)]) == 0
+    results, selections = (
+        (run / "results.csv").read_bytes(),
+        (run / "selections.jsonl").read_bytes(),
+    )
+    set_field(run, 2, "test_accuracy", "1.5")
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 2
+    fix = (
+        f"restore the file: `gradnorm-al run --resume {run}` rewrites it from the run's checkpoints"
+    )
+    assert capsys.readouterr().err == (
+        f"gradnorm-al: error: {run / 'results.csv'}:2: test_accuracy must be a fraction in "
+        f"[0, 1], got 1.5; {fix}\n"
+    )
+    (run / "selections.jsonl").write_bytes(selections[:10])
+    assert main(["run", "--resume", str(run), "--quiet"]) == 0
+    assert (run / "results.csv").read_bytes() == results
+    assert (run / "selections.jsonl").read_bytes() == selections
+    assert main(["report", str(run)]) == 0

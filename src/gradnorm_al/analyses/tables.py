@@ -16,16 +16,18 @@ import numpy as np
 from ..atomic import atomic_write_text
 from ..errors import RunDirectoryError
 from ..experiment.results import RESULTS_FILE, read_results
+from ..experiment.runner import read_run_config
 
 ANALYSIS_DIR = "analysis"
 
 
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """The rows of a run folder's results.csv; a one-line error if it has none."""
+    """The rows of a run folder's results.csv, checked against its config.yaml; a one-line error
+    if it has none or a file is damaged."""
     path = Path(run_dir) / RESULTS_FILE
     if not path.is_file():
         raise RunDirectoryError(f"{run_dir} holds no {RESULTS_FILE}; give a run folder")
-    rows = read_results(path)
+    rows = read_results(path, read_run_config(run_dir))
     if not rows:
         raise RunDirectoryError(f"{path} has no finished cycle yet")
     return rows
