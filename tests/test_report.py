@@ -155,9 +155,14 @@ def test_report_of_one_run_by_hand(tmp_path):
     assert "| 3 | c | 45.0 ± 7.1 | 3.00 | 2 | t0: 40.0, t1: 50.0 |" in md
     assert "| strategy | 10% (10) | 15% (15) | 20% (20) | AUC | trials |" in md
     assert "| a | 55.0 ± 7.1 | 65.0 ± 7.1 | 75.0 ± 21.2 | 65.0 ± 7.1 | 2 |" in md
-    # a vs c: differences 0.30, 0.10 -> +20.00 ± 14.14 pp; sign flips: 2 of 4 patterns
+    # a vs c: differences 0.30, 0.10 -> +20.00 ± 14.14 pp, 95% interval 20 ± t(0.975, 1) * 10;
+    # sign flips: 2 of 4 patterns; a wins both trials
     p = sps.ttest_rel([0.7, 0.6], [0.4, 0.5]).pvalue
-    assert f"| a vs c | +20.00 ± 14.14 | {p:.3g} | 0.5 | 2 | no significant difference |" in md
+    half = sps.t.ppf(0.975, 1) * 10.0
+    assert (
+        f"| a vs c | +20.00 ± 14.14 | [{20 - half:+.2f}, {20 + half:+.2f}] | {p:.3g} | 0.5 | 2/2 "
+        "| 2 | no significant difference |"
+    ) in md
     # selection 0.1, 0.2 s (+ none in the last cycle), training 0.5, 1.5, 2.5 s, per trial
     assert "| a | 0.15 ± 0.06 | 0.30 ± 0.00 | 1.50 ± 0.89 | 4.50 ± 0.00 | 2 |" in md
     assert "```yaml\ndataset: digits" in md and "![learning curves" in md
@@ -237,9 +242,11 @@ def test_single_trial_report_marks_no_test(tmp_path):
     result = write_report([run], tmp_path / "out")
     (pair,) = result.comparisons
     assert pair.n == 1 and pair.verdict == "no test possible (n = 1 < 2)"
-    assert "| a vs b | +10.00 | — | 1 | 1 | no test possible (n = 1 < 2) |" in (
-        result.markdown_path.read_text()
-    )
+    md = result.markdown_path.read_text()
+    assert "| a vs b | +10.00 | — | — | 1 | 1/1 | 1 | no test possible (n = 1 < 2) |" in md
+    # one trial has no spread: the mean alone, never "± 0.0" or "nan"
+    assert "| 1 | a | 60.0 | 1.00 | 1 | t0: 60.0 |" in md
+    assert "| a | 50.0 | 60.0 | 70.0 | 60.0 | 1 |" in md and "nan" not in md.lower()
 
 
 # ------------------------------------------------------------------ damaged or hand-edited files

@@ -69,12 +69,13 @@ def plus_minus(mean: float, std: float, digits: int = 1) -> str:
 
 
 def to_csv(records: list[dict[str, Any]]) -> str:
-    """The records as CSV text, columns in the first record's order; None -> empty."""
+    """The records as CSV text, columns in the first record's order; None and NaN (a std of
+    one trial) -> empty."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(records[0]), lineterminator="\n")
     writer.writeheader()
     for r in records:
-        writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
+        writer.writerow({k: ("" if v is None or v != v else v) for k, v in r.items()})
     return buf.getvalue()
 
 
