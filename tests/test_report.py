@@ -511,3 +511,48 @@ def test_the_fix_named_for_a_damaged_run_file_works(tmp_path, capsys):
     assert (run / "results.csv").read_bytes() == results
     assert (run / "selections.jsonl").read_bytes() == selections
     assert main(["report", str(run)]) == 0
+
+
+def test_summary_pairs_each_strategy_with_random_and_the_best_other(tmp_path):
+    from gradnorm_al.experiment.results import read_results
+    from gradnorm_al.reports.summary import paired_statistics, summarise
+
+    # AUCs: random 0.40, 0.50; x and its twin 0.50, 0.825 (identical: not each other's "other");
+    # y 0.70, 0.60
+    curves = {"random": CURVES["c"], "x": CURVES["b"], "twin": CURVES["b"], "y": CURVES["a"]}
+    text = paired_statistics(
+        summarise(read_results(write_run(tmp_path / "r", curves) / "results.csv"))
+    )
+
+    def expected(d: list[float]) -> str:
+        lo, hi = sps.t.interval(0.95, len(d) - 1, np.mean(d), sps.sem(d))
+        wins = sum(v > 0 for v in d)
+        flips = [abs(a * d[0] + b * d[1]) for a in (-1, 1) for b in (-1, 1)]
+        p = sum(f >= abs(sum(d)) - 1e-12 for f in flips) / 4
+        return (
+            f"{100 * np.mean(d):+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}], p={p:.2g}, "
+            f"wins {wins}/2: not significant (the interval contains 0)"
+        )
+
+    lines = {line.split("**")[1]: line for line in text.splitlines() if line.startswith("- **")}
+    assert list(lines) == ["x", "twin", "y", "random"]  # best mean AUC first
+    assert lines["x"] == (
+        f"- **x**: vs random {expected([0.10, 0.325])}; vs best other (y) {expected([-0.2, 0.225])}"
+    )
+    assert lines["y"] == (
+        f"- **y**: vs random {expected([0.3, 0.1])}; vs best other (x) {expected([0.2, -0.225])}"
+    )
+    assert lines["random"] == f"- **random**: vs best other (x) {expected([-0.10, -0.325])}"
+    assert "cannot go below 0.5 with 2 trials" in text and "nan" not in text
+
+
+def test_pair_sentence_names_a_winner_only_when_the_interval_excludes_zero():
+    better = compare_pair("x", "y", {0: 0.9, 1: 0.8, 2: 0.85}, {0: 0.8, 1: 0.69, 2: 0.73})
+    assert better.ci_low > 0 and better.wins == 3
+    assert better.sentence().endswith("p=0.25, wins 3/3: x better (p<0.05)")
+    unsure = compare_pair("x", "y", {0: 0.9, 1: 0.8, 2: 0.85}, {0: 0.8, 1: 0.85, 2: 0.73})
+    assert unsure.ci_low < 0 < unsure.ci_high and unsure.wins == 2
+    assert unsure.sentence().endswith("wins 2/3: not significant (the interval contains 0)")
+    assert compare_pair("x", "y", {0: 0.9}, {0: 0.8}).sentence() == (
+        "+10.00 in 1 trial: no test possible (n = 1 < 2)"
+    )
