@@ -356,6 +356,11 @@ DAMAGES = {
         lambda run: drop_column(run, "test_accuracy") or 1,
         "the header lacks the column(s) test_accuracy",
     ),
+    "train-column-missing": (
+        "results.csv",
+        lambda run: drop_column(run, "train_accuracy") or 1,
+        "the header lacks the column(s) train_accuracy",
+    ),
     "fields-missing": (
         "results.csv",
         lambda run: edit_line(run, "results.csv", 5, lambda b: b.rsplit(b",", 2)[0]) or 5,

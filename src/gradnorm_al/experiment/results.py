@@ -126,7 +126,7 @@ def read_results(path: str | Path, config: ExperimentConfig | None = None) -> li
         raise FileFormatError(path, 1, f"the header is not CSV ({err})", fix) from None
     if not header:
         raise FileFormatError(path, 1, "the file is empty, not a results table", fix)
-    missing = [c for c in (*HEAD_COLUMNS, "test_accuracy", *TAIL_COLUMNS) if c not in header]
+    missing = [c for c in RESULT_COLUMNS if c not in header]
     if missing:
         raise FileFormatError(path, 1, f"the header lacks the column(s) {', '.join(missing)}", fix)
     repeated = sorted({c for c in header if header.count(c) > 1})
