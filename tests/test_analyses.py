@@ -70,7 +70,12 @@ def test_timing_by_hand_with_and_without_a_candidate_subset():
 def test_analyze_commands_write_tables(tmp_path, capsys):
     run = _run_folder(tmp_path / "run", subset_size=40)
     assert main(["analyze", "generalization-gap", str(run)]) == 0
-    assert "| a | 30.0 ± 14.1 | 15.0 ± 7.1 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| a | 30.0 ± 14.1 | 15.0 ± 7.1 |" in out
+    assert "| b | 45.0 | 35.0 |" in out and "nan" not in out  # one trial: no std to show
+    with open(run / "analysis" / "generalization_gap.csv", newline="") as fh:
+        gaps = list(csv.DictReader(fh))
+    assert [r["gap_std"] for r in gaps if r["strategy"] == "b"] == ["", ""]  # empty, not nan
     assert main(["analyze", "timing", str(run)]) == 0
     assert "| b | 5.0 / 1.00 (40) | 6.0 / — (0) |" in capsys.readouterr().out
     with open(run / "analysis" / "timing.csv", newline="") as fh:

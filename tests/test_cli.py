@@ -252,28 +252,42 @@ def test_run_selections_jsonl(full_run: tuple[Outcome, Path]) -> None:
 def test_run_table_summary_plot_and_config(full_run: tuple[Outcome, Path]) -> None:
     result, out = full_run
     _, rows = read_csv(out / "results.csv")
-    lines = result.out.splitlines()
-    # the table: header, separator, one line per strategy; then the "wrote ..." line
-    assert len(lines) == 2 + len(BOTH) + 1, result.out
+    printed = result.out.splitlines()
+    # the table: header, separator, one line per strategy; a blank line, the paired statistics;
+    # then the "wrote ..." line
+    lines = printed[: printed.index("")]
+    assert len(lines) == 2 + len(BOTH), result.out
     assert lines[0] == "| strategy | 10% | 15% | 20% | AUC |"
     assert lines[1].startswith("|---|")
-    assert lines[-1].startswith(f"wrote {out}/ ") and "results.csv" in lines[-1]
-    for line, strategy in zip(lines[2:-1], BOTH):
+    assert printed[-1].startswith(f"wrote {out}/ ") and "results.csv" in printed[-1]
+    auc = {}
+    for line, strategy in zip(lines[2:], BOTH):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[0] == strategy
         assert len(cells) == 1 + CYCLES + 1
-        for cycle in range(CYCLES):
-            acc = np.array(
+        acc = np.array(
+            [
                 [
                     float(r["test_accuracy"])
                     for r in rows
-                    if r["strategy"] == strategy and int(r["cycle"]) == cycle
+                    if r["strategy"] == strategy and int(r["trial"]) == trial
                 ]
-            )
-            assert len(acc) == TRIALS
-            expected = f"{100 * acc.mean():.1f} ± {100 * acc.std(ddof=1):.1f}"
+                for trial in range(TRIALS)
+            ]
+        )  # [trials, cycles], rows in cycle order
+        assert acc.shape == (TRIALS, CYCLES)
+        for cycle in range(CYCLES):
+            expected = f"{100 * acc[:, cycle].mean():.1f} ± {100 * acc[:, cycle].std(ddof=1):.1f}"
             assert cells[1 + cycle] == expected
-    table = "\n".join(lines[:-1]) + "\n"
+        auc[strategy] = (acc[:, 0] + 2 * acc[:, 1] + acc[:, 2]) / 4  # equal fraction steps
+    # paired statistics: gradnorm against random (and random against its best other)
+    diff = 100 * (auc["entropy-gradnorm"] - auc["random"])
+    pairs = {line.split("**")[1]: line for line in printed if line.startswith("- **")}
+    assert set(pairs) == set(BOTH)
+    assert f"vs random {diff.mean():+.2f} [" in pairs["entropy-gradnorm"]
+    assert f"wins {int((diff > 0).sum())}/{TRIALS}: " in pairs["entropy-gradnorm"]
+    assert f"vs best other (entropy-gradnorm) {-diff.mean():+.2f} [" in pairs["random"]
+    table = "\n".join(printed[:-1]) + "\n"
     summary = (out / "summary.md").read_text(encoding="utf-8")
     assert "digits" in summary
     assert table in summary
@@ -581,7 +595,9 @@ def test_config_file_with_bad_yaml(capsys: pytest.CaptureFixture[str], tmp_path:
     config_file = tmp_path / "exp.yaml"
     config_file.write_text("epochs: [1\ncycles: 2\n", encoding="utf-8")
     line = expect_usage_error(capsys, "run", "--config", str(config_file), *TINY)
-    assert f"config file {config_file} is not valid YAML" in line
+    # the bracket opened on line 1 is not closed: the line, what is wrong and the fix
+    assert line.startswith(f"gradnorm-al: error: {config_file}:1: not valid YAML (")
+    assert line.endswith("; correct the YAML syntax there")
 
 
 def test_config_file_not_a_mapping(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

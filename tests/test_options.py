@@ -263,14 +263,17 @@ def test_command_line_type_errors(
 def test_yaml_values_are_checked_strictly(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as exc:
         _yaml(tmp_path, text)
-    assert str(exc.value).startswith(message) and "\n" not in str(exc.value)
+    # the file and line, then what is wrong, then the fix
+    where = f"{tmp_path / 'exp.yaml'}:1: "
+    assert str(exc.value).startswith(where + message) and "\n" not in str(exc.value)
+    assert str(exc.value).endswith("; correct or remove that option")
 
 
 def test_unknown_keys_are_refused_with_the_known_ones(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
-        _yaml(tmp_path, "epoch: 3\n")
-    message = str(exc.value)
-    assert message.startswith("unknown option 'epoch'; known options: ")
+        _yaml(tmp_path, "epochs: 3\nepoch: 3\n")
+    message = str(exc.value).removesuffix("; correct or remove that option")
+    assert message.startswith(f"{tmp_path / 'exp.yaml'}:2: unknown option 'epoch'; known options: ")
     assert message.split("known options: ")[1].split(", ") == sorted(YAML_KEYS)
 
 

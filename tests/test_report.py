@@ -155,9 +155,14 @@ def test_report_of_one_run_by_hand(tmp_path):
     assert "| 3 | c | 45.0 ± 7.1 | 3.00 | 2 | t0: 40.0, t1: 50.0 |" in md
     assert "| strategy | 10% (10) | 15% (15) | 20% (20) | AUC | trials |" in md
     assert "| a | 55.0 ± 7.1 | 65.0 ± 7.1 | 75.0 ± 21.2 | 65.0 ± 7.1 | 2 |" in md
-    # a vs c: differences 0.30, 0.10 -> +20.00 ± 14.14 pp; sign flips: 2 of 4 patterns
+    # a vs c: differences 0.30, 0.10 -> +20.00 ± 14.14 pp, 95% interval 20 ± t(0.975, 1) * 10;
+    # sign flips: 2 of 4 patterns; a wins both trials
     p = sps.ttest_rel([0.7, 0.6], [0.4, 0.5]).pvalue
-    assert f"| a vs c | +20.00 ± 14.14 | {p:.3g} | 0.5 | 2 | no significant difference |" in md
+    half = sps.t.ppf(0.975, 1) * 10.0
+    assert (
+        f"| a vs c | +20.00 ± 14.14 | [{20 - half:+.2f}, {20 + half:+.2f}] | {p:.3g} | 0.5 | 2/2 "
+        "| 2 | no significant difference |"
+    ) in md
     # selection 0.1, 0.2 s (+ none in the last cycle), training 0.5, 1.5, 2.5 s, per trial
     assert "| a | 0.15 ± 0.06 | 0.30 ± 0.00 | 1.50 ± 0.89 | 4.50 ± 0.00 | 2 |" in md
     assert "```yaml\ndataset: digits" in md and "![learning curves" in md
@@ -237,6 +242,322 @@ def test_single_trial_report_marks_no_test(tmp_path):
     result = write_report([run], tmp_path / "out")
     (pair,) = result.comparisons
     assert pair.n == 1 and pair.verdict == "no test possible (n = 1 < 2)"
-    assert "| a vs b | +10.00 | — | 1 | 1 | no test possible (n = 1 < 2) |" in (
-        result.markdown_path.read_text()
+    md = result.markdown_path.read_text()
+    assert "| a vs b | +10.00 | — | — | 1 | 1/1 | 1 | no test possible (n = 1 < 2) |" in md
+    # one trial has no spread: the mean alone, never "± 0.0" or "nan"
+    assert "| 1 | a | 60.0 | 1.00 | 1 | t0: 60.0 |" in md
+    assert "| a | 50.0 | 60.0 | 70.0 | 60.0 | 1 |" in md and "nan" not in md.lower()
+
+
+# ------------------------------------------------------------------ damaged or hand-edited files
+RESULTS_HEADER = (
+    "strategy,trial,cycle,num_labeled,labeled_fraction,test_accuracy,train_accuracy,"
+    "train_seconds,select_seconds,seed"
+)
+
+
+def set_field(run: Path, line: int, name: str, value: str) -> None:
+    """Write ``value`` into column ``name`` of results.csv's line ``line`` (1 = the header)."""
+    lines = (run / "results.csv").read_text().splitlines()
+    fields = lines[line - 1].split(",")
+    fields[lines[0].split(",").index(name)] = value
+    lines[line - 1] = ",".join(fields)
+    (run / "results.csv").write_text("\n".join(lines) + "\n")
+
+
+def edit_line(run: Path, name: str, line: int, edit) -> None:
+    """Replace line ``line`` (from 1) of the file ``name`` by ``edit(line_bytes)``."""
+    lines = (run / name).read_bytes().split(b"\n")
+    lines[line - 1] = edit(lines[line - 1])
+    (run / name).write_bytes(b"\n".join(lines))
+
+
+def drop_column(run: Path, name: str) -> None:
+    lines = (run / "results.csv").read_text().splitlines()
+    k = lines[0].split(",").index(name)
+    rows = [",".join(f for i, f in enumerate(line.split(",")) if i != k) for line in lines]
+    (run / "results.csv").write_text("\n".join(rows) + "\n")
+
+
+def config_line(run: Path, key: str) -> int:
+    lines = (run / "config.yaml").read_text().splitlines()
+    return next(i for i, line in enumerate(lines, start=1) if line.startswith(f"{key}:"))
+
+
+def set_option(run: Path, key: str, text: str | bytes) -> int:
+    """Replace the line of option ``key`` in config.yaml by ``text``; return its number."""
+    line = config_line(run, key)
+    data = text if isinstance(text, bytes) else text.encode()
+    edit_line(run, "config.yaml", line, lambda _: data)
+    return line
+
+
+# results.csv of write_run(CURVES): line 1 the header, lines 2-4 a t0 c0-c2, 5-7 b t0, 8-10 c t0,
+# 11-13 a t1 ...; selections.jsonl: cycles 0 and 1 of a t0 (lines 1-2), b t0 (3-4), ...
+DAMAGES = {
+    # id: (file, damage(run) -> line, what the message says)
+    "accuracy-nan": (
+        "results.csv",
+        lambda run: set_field(run, 3, "test_accuracy", "nan") or 3,
+        "test_accuracy must be a finite number, got 'nan'",
+    ),
+    "accuracy-above-1": (
+        "results.csv",
+        lambda run: set_field(run, 4, "test_accuracy", "5.0") or 4,
+        "test_accuracy must be a fraction in [0, 1], got 5.0",
+    ),
+    "train-accuracy-inf": (
+        "results.csv",
+        lambda run: set_field(run, 9, "train_accuracy", "inf") or 9,
+        "train_accuracy must be a finite number",
+    ),
+    "cycle-negative": (
+        "results.csv",
+        lambda run: set_field(run, 2, "cycle", "-7") or 2,
+        "cycle must be a whole number >= 0, got '-7'",
+    ),
+    "cycle-not-integer": (
+        "results.csv",
+        lambda run: set_field(run, 3, "cycle", "1.5") or 3,
+        "cycle must be a whole number >= 0, got '1.5'",
+    ),
+    "cycle-beyond-config": (
+        "results.csv",
+        lambda run: set_field(run, 4, "cycle", "9") or 4,
+        "cycle 9 is beyond config.yaml's 3 cycles (0 to 2)",
+    ),
+    "trial-word": (
+        "results.csv",
+        lambda run: set_field(run, 6, "trial", "one") or 6,
+        "trial must be a whole number >= 0, got 'one'",
+    ),
+    "strategy-not-in-config": (
+        "results.csv",
+        lambda run: set_field(run, 5, "strategy", "bb") or 5,
+        "strategy 'bb' is not among config.yaml's strategies (a, b, c)",
+    ),
+    "row-repeated": (
+        "results.csv",
+        lambda run: set_field(run, 3, "cycle", "0") or 3,
+        "a trial 0 cycle 0 is already on line 2",
+    ),
+    "fraction-not-growing": (
+        "results.csv",
+        lambda run: set_field(run, 4, "labeled_fraction", "0.1") or 4,
+        "labeled_fraction 0.1 of cycle 2 is not above cycle 1's 0.15",
+    ),
+    "empty-value": (
+        "results.csv",
+        lambda run: set_field(run, 7, "train_seconds", "") or 7,
+        "train_seconds is empty",
+    ),
+    "column-missing": (
+        "results.csv",
+        lambda run: drop_column(run, "test_accuracy") or 1,
+        "the header lacks the column(s) test_accuracy",
+    ),
+    "train-column-missing": (
+        "results.csv",
+        lambda run: drop_column(run, "train_accuracy") or 1,
+        "the header lacks the column(s) train_accuracy",
+    ),
+    "fields-missing": (
+        "results.csv",
+        lambda run: edit_line(run, "results.csv", 5, lambda b: b.rsplit(b",", 2)[0]) or 5,
+        "8 fields where the header has 10",
+    ),
+    "binary-bytes": (
+        "results.csv",
+        lambda run: edit_line(run, "results.csv", 3, lambda _: b"\x89PNG\r\x00\x1a\xff") or 3,
+        "is not UTF-8 text",
+    ),
+    "not-utf8": (
+        "results.csv",
+        lambda run: edit_line(run, "results.csv", 8, lambda b: b.replace(b"c,", b"\xe9,", 1)) or 8,
+        "byte 0xe9 is not UTF-8 text",
+    ),
+    "selection-truncated": (
+        "selections.jsonl",
+        lambda run: edit_line(run, "selections.jsonl", 2, lambda b: b[: len(b) // 2]) or 2,
+        "not a JSON object",
+    ),
+    "selection-not-json": (
+        "selections.jsonl",
+        lambda run: edit_line(run, "selections.jsonl", 1, lambda _: b"selected 10 samples") or 1,
+        "not a JSON object",
+    ),
+    "selection-negative-index": (
+        "selections.jsonl",
+        lambda run: (
+            edit_line(run, "selections.jsonl", 3, lambda b: b.replace(b"[", b"[-4, ", 1)) or 3
+        ),
+        "indices must be whole numbers >= 0, got -4",
+    ),
+    "selection-fractional-index": (
+        "selections.jsonl",
+        lambda run: (
+            edit_line(run, "selections.jsonl", 4, lambda b: b.replace(b"[", b"[2.5, ", 1)) or 4
+        ),
+        "indices must be whole numbers >= 0, got 2.5",
+    ),
+    "config-bad-yaml": (
+        "config.yaml",
+        lambda run: set_option(run, "cycles", "cycles: [3"),
+        "not valid YAML",
+    ),
+    "config-wrong-type": (
+        "config.yaml",
+        lambda run: set_option(run, "epochs", "epochs: many"),
+        "epochs must be an integer >= 1, got 'many'",
+    ),
+    "config-unknown-option": (
+        "config.yaml",
+        lambda run: set_option(run, "lr", "lr_typo: 0.1"),
+        "unknown option 'lr_typo'",
+    ),
+    "config-repeated-option": (
+        "config.yaml",
+        lambda run: max(config_line(run, "epochs"), set_option(run, "lr", "epochs: 1")),
+        "option 'epochs' is already set on line",
+    ),
+    "config-not-a-mapping": (
+        "config.yaml",
+        lambda run: (run / "config.yaml").write_text("- digits\n- random\n") and 1,
+        "must hold a mapping of options",
+    ),
+    "config-not-utf8": (
+        "config.yaml",
+        lambda run: set_option(run, "model", b"model: sm\xe4llcnn"),
+        "is not UTF-8 text",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGES))
+def test_damaged_run_files_give_one_line_errors(tmp_path, capsys, case):
+    """`report` and `analyze` on a damaged or hand-edited run folder: exit status 2 and one line
+    `gradnorm-al: error: <file>:<line>: <what>; <fix>`, never a traceback or a silently wrong
+    table."""
+    from gradnorm_al.cli import main
+
+    run = write_run(tmp_path / "run", CURVES)
+    name, damage, what = DAMAGES[case]
+    line = damage(run)
+    commands = [["report", str(run), "--out", str(tmp_path / "out")], ["analyze", "topk-overlap"]]
+    if name != "selections.jsonl":  # the results-only analyses do not read the selections
+        commands += [["analyze", "generalization-gap"], ["analyze", "timing"]]
+    for argv in commands:
+        argv = argv if argv[0] == "report" else [*argv, str(run)]
+        capsys.readouterr()
+        code = main(argv)
+        out, err = capsys.readouterr()
+        assert code == 2, (argv, code, out, err)
+        assert "Traceback" not in err and err.count("\n") == 1 and err.endswith("\n"), err
+        prefix = f"gradnorm-al: error: {run / name}:{line}: "
+        assert err.startswith(prefix), (argv, err, prefix)
+        assert what in err and "; " in err[len(prefix) :], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_damaged_selections_through_a_real_process(tmp_path):
+    import subprocess
+    import sys
+
+    run = write_run(tmp_path / "run", CURVES)
+    edit_line(run, "selections.jsonl", 2, lambda b: b[:20])
+    done = subprocess.run(
+        [sys.executable, "-m", "gradnorm_al", "report", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith(f"gradnorm-al: error: {run / 'selections.jsonl'}:2: not a JSON")
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_results_written_by_the_store_read_back_unchanged(tmp_path):
+    from gradnorm_al.experiment.results import read_results, read_selections
+
+    run = write_run(tmp_path / "run", CURVES)
+    rows = read_results(run / "results.csv", ExperimentConfig.from_yaml(run / "config.yaml"))
+    assert len(rows) == 18 and rows[0]["strategy"] == "a" and rows[2]["select_seconds"] is None
+    assert rows[1]["test_accuracy"] == 0.7 and rows[1]["cycle"] == 1
+    selections = read_selections(run / "selections.jsonl")
+    assert len(selections) == 12
+    record = selections[("b", 1, 1)]
+    assert record.indices.tolist() == [15, 16, 17, 18, 19] and record.line == 10
+
+
+def test_the_fix_named_for_a_damaged_run_file_works(tmp_path, capsys):
+    """A real run keeps its checkpoints: the error says `run --resume DIR` rewrites the damaged
+    file, and it does, byte for byte."""
+    from gradnorm_al.cli import main
+
+    run = tmp_path / "run"
+    tiny = ["--dataset", "digits", "--epochs", "1", "--trials", "1", "--cycles", "2", "--quiet"]
+    assert main(["run", *tiny, "--strategy", "entropy", "--out", str(run)]) == 0
+    results, selections = (
+        (run / "results.csv").read_bytes(),
+        (run / "selections.jsonl").read_bytes(),
+    )
+    set_field(run, 2, "test_accuracy", "1.5")
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 2
+    fix = (
+        f"restore the file: `gradnorm-al run --resume {run}` rewrites it from the run's checkpoints"
+    )
+    assert capsys.readouterr().err == (
+        f"gradnorm-al: error: {run / 'results.csv'}:2: test_accuracy must be a fraction in "
+        f"[0, 1], got 1.5; {fix}\n"
+    )
+    (run / "selections.jsonl").write_bytes(selections[:10])
+    assert main(["run", "--resume", str(run), "--quiet"]) == 0
+    assert (run / "results.csv").read_bytes() == results
+    assert (run / "selections.jsonl").read_bytes() == selections
+    assert main(["report", str(run)]) == 0
+
+
+def test_summary_pairs_each_strategy_with_random_and_the_best_other(tmp_path):
+    from gradnorm_al.experiment.results import read_results
+    from gradnorm_al.reports.summary import paired_statistics, summarise
+
+    # AUCs: random 0.40, 0.50; x and its twin 0.50, 0.825 (identical: not each other's "other");
+    # y 0.70, 0.60
+    curves = {"random": CURVES["c"], "x": CURVES["b"], "twin": CURVES["b"], "y": CURVES["a"]}
+    text = paired_statistics(
+        summarise(read_results(write_run(tmp_path / "r", curves) / "results.csv"))
+    )
+
+    def expected(d: list[float]) -> str:
+        lo, hi = sps.t.interval(0.95, len(d) - 1, np.mean(d), sps.sem(d))
+        wins = sum(v > 0 for v in d)
+        flips = [abs(a * d[0] + b * d[1]) for a in (-1, 1) for b in (-1, 1)]
+        p = sum(f >= abs(sum(d)) - 1e-12 for f in flips) / 4
+        return (
+            f"{100 * np.mean(d):+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}], p={p:.2g}, "
+            f"wins {wins}/2: not significant (the interval contains 0)"
+        )
+
+    lines = {line.split("**")[1]: line for line in text.splitlines() if line.startswith("- **")}
+    assert list(lines) == ["x", "twin", "y", "random"]  # best mean AUC first
+    assert lines["x"] == (
+        f"- **x**: vs random {expected([0.10, 0.325])}; vs best other (y) {expected([-0.2, 0.225])}"
+    )
+    assert lines["y"] == (
+        f"- **y**: vs random {expected([0.3, 0.1])}; vs best other (x) {expected([0.2, -0.225])}"
+    )
+    assert lines["random"] == f"- **random**: vs best other (x) {expected([-0.10, -0.325])}"
+    assert "cannot go below 0.5 with 2 trials" in text and "nan" not in text
+
+
+def test_pair_sentence_names_a_winner_only_when_the_interval_excludes_zero():
+    better = compare_pair("x", "y", {0: 0.9, 1: 0.8, 2: 0.85}, {0: 0.8, 1: 0.69, 2: 0.73})
+    assert better.ci_low > 0 and better.wins == 3
+    assert better.sentence().endswith("p=0.25, wins 3/3: x better (p<0.05)")
+    unsure = compare_pair("x", "y", {0: 0.9, 1: 0.8, 2: 0.85}, {0: 0.8, 1: 0.85, 2: 0.73})
+    assert unsure.ci_low < 0 < unsure.ci_high and unsure.wins == 2
+    assert unsure.sentence().endswith("wins 2/3: not significant (the interval contains 0)")
+    assert compare_pair("x", "y", {0: 0.9}, {0: 0.8}).sentence() == (
+        "+10.00 in 1 trial: no test possible (n = 1 < 2)"
     )

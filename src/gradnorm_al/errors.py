@@ -54,3 +54,33 @@ class NonFiniteError(GradnormALError, FloatingPointError):
 class SelectionError(GradnormALError):
     """A strategy or sampler returned an invalid selection (wrong count, duplicates, an index
     that was not a candidate)."""
+
+
+class FileFormatError(DataError, ValueError):
+    """A file a user gave or edited (a run folder's results.csv, selections.jsonl or config.yaml,
+    a --config file) cannot be used as it is. The message is ``<file>:<line>: <what is wrong>;
+    <fix>``, the line counted from 1."""
+
+    def __init__(self, path: object, line: int, problem: str, fix: str) -> None:
+        super().__init__(f"{path}:{line}: {problem}; {fix}")
+        self.path, self.line, self.problem, self.fix = path, line, problem, fix
+
+
+class ConfigFileError(FileFormatError, ConfigError):
+    """A configuration file holds invalid YAML or an invalid option (the line is named)."""
+
+
+def read_text(path: object, fix: str, error: type[FileFormatError] = FileFormatError) -> str:
+    """The text of the UTF-8 file ``path``; ``error`` naming the line of the first byte that is
+    not UTF-8 or is a NUL (a binary file), with ``fix``."""
+    with open(path, "rb") as fh:  # type: ignore[call-overload]
+        data = fh.read()
+    bad = data.find(b"\0")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        bad = err.start if bad < 0 else min(bad, err.start)
+    if bad >= 0:
+        line = data.count(b"\n", 0, bad) + 1
+        raise error(path, line, f"byte {data[bad]:#04x} is not UTF-8 text (a binary file?)", fix)
+    return text.removeprefix("\ufeff")

@@ -9,7 +9,15 @@ from typing import Any
 import numpy as np
 
 from .base import Log, register_analysis
-from .tables import by_strategy_cycle, mean_std, pivot, read_rows, to_csv, write_tables
+from .tables import (
+    by_strategy_cycle,
+    mean_std,
+    pivot,
+    plus_minus,
+    read_rows,
+    to_csv,
+    write_tables,
+)
 
 
 def generalization_gap(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -40,8 +48,8 @@ def write_generalization_gap(run_dir: Path, out_dir: Path | None = None) -> str:
     md = (
         "# Generalization gap (Table 3)\n\n"
         "Training accuracy on the labelled set minus test accuracy, percentage points, mean ± "
-        "std over trials, per cycle (labelled samples in brackets).\n\n"
-        + pivot(records, lambda r: f"{r['gap_mean']:.1f} ± {r['gap_std']:.1f}")
+        "std over trials (the mean alone for one trial), per cycle (labelled samples in "
+        "brackets).\n\n" + pivot(records, lambda r: plus_minus(r["gap_mean"], r["gap_std"]))
     )
     write_tables(run_dir, out_dir, "generalization_gap", md, to_csv(records))
     return md

@@ -9,7 +9,6 @@ them.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,10 +20,16 @@ import torch
 from torch import nn
 
 from ..data import DatasetBundle, load_dataset
-from ..errors import RunDirectoryError
+from ..errors import FileFormatError, RunDirectoryError
 from ..experiment.checkpoint import MODELS_DIR, load_model, model_path
 from ..experiment.config import ExperimentConfig
-from ..experiment.results import RESULTS_FILE, SELECTIONS_FILE, read_results
+from ..experiment.results import (
+    RESULTS_FILE,
+    SELECTIONS_FILE,
+    SelectionRecord,
+    read_results,
+    read_selections,
+)
 from ..experiment.runner import read_run_config, resolve_device, strategy_kwargs
 from ..loop import cycle_candidates
 from ..models import create_model
@@ -82,15 +87,11 @@ class RunReader:
         path = self.run_dir / RESULTS_FILE
         if not path.is_file():
             raise RunDirectoryError(f"{run_dir} holds no {RESULTS_FILE}; no cycle has finished")
-        self.rows = read_results(path)
-        self._selections: dict[tuple[str, int, int], np.ndarray] = {}
-        selections = self.run_dir / SELECTIONS_FILE
-        if selections.is_file():
-            for line in selections.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    s = json.loads(line)
-                    key = (s["strategy"], int(s["trial"]), int(s["cycle"]))
-                    self._selections[key] = np.asarray(s["indices"], dtype=np.int64)
+        self.rows = read_results(path, self.config)
+        self.selections_path = self.run_dir / SELECTIONS_FILE
+        self._selections: dict[tuple[str, int, int], SelectionRecord] = {}
+        if self.selections_path.is_file():
+            self._selections = read_selections(self.selections_path)
 
     @cached_property
     def bundle(self) -> DatasetBundle:
@@ -126,16 +127,19 @@ class RunReader:
         views = []
         for cycle in finished:
             labeled = pool.labeled()
-            selected = self._selections.get((strategy, trial, cycle))
+            record = self._selections.get((strategy, trial, cycle))
+            selected = None if record is None else record.indices
             candidates = None
-            if selected is not None:
+            if record is not None:
                 candidates = cycle_candidates(pool.unlabeled(), loop.subset_size, seed, cycle)
                 if not np.isin(selected, candidates).all():
-                    raise RunDirectoryError(
-                        f"{self.run_dir}: {strategy} trial {trial} cycle {cycle} selected samples "
-                        "that were not its candidates; the folder's selections.jsonl does not "
-                        "belong to its config.yaml (or the data under its data_root changed "
-                        "since the run)"
+                    raise FileFormatError(
+                        self.selections_path,
+                        record.line,
+                        f"{strategy} trial {trial} cycle {cycle} selected samples that were not "
+                        "its candidates (this selections.jsonl does not belong to the folder's "
+                        "config.yaml, or the data under its data_root changed since the run)",
+                        "give the run folder as `gradnorm-al run` wrote it, with its data",
                     )
                 pool.label(selected, cycle + 1)
             views.append(CycleView(strategy, trial, cycle, labeled, candidates, selected))

@@ -16,16 +16,18 @@ import numpy as np
 from ..atomic import atomic_write_text
 from ..errors import RunDirectoryError
 from ..experiment.results import RESULTS_FILE, read_results
+from ..experiment.runner import read_run_config
 
 ANALYSIS_DIR = "analysis"
 
 
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """The rows of a run folder's results.csv; a one-line error if it has none."""
+    """The rows of a run folder's results.csv, checked against its config.yaml; a one-line error
+    if it has none or a file is damaged."""
     path = Path(run_dir) / RESULTS_FILE
     if not path.is_file():
         raise RunDirectoryError(f"{run_dir} holds no {RESULTS_FILE}; give a run folder")
-    rows = read_results(path)
+    rows = read_results(path, read_run_config(run_dir))
     if not rows:
         raise RunDirectoryError(f"{path} has no finished cycle yet")
     return rows
@@ -67,12 +69,13 @@ def plus_minus(mean: float, std: float, digits: int = 1) -> str:
 
 
 def to_csv(records: list[dict[str, Any]]) -> str:
-    """The records as CSV text, columns in the first record's order; None -> empty."""
+    """The records as CSV text, columns in the first record's order; None and NaN (a std of
+    one trial) -> empty."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(records[0]), lineterminator="\n")
     writer.writeheader()
     for r in records:
-        writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
+        writer.writerow({k: ("" if v is None or v != v else v) for k, v in r.items()})
     return buf.getvalue()
 
 

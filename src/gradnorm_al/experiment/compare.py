@@ -6,23 +6,21 @@ it; merging and rendering are :mod:`gradnorm_al.reports`'s, which read no file.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
-import yaml
-
-from ..errors import ConfigError, RunDirectoryError
+from ..errors import RunDirectoryError
 from ..reports.html import ReportResult, write_merged_report
 from ..reports.merge import RunFolder, merge_runs
 from .config import ExperimentConfig
-from .results import RESULT_COLUMNS, RESULTS_FILE, read_results
+from .results import RESULTS_FILE, SELECTIONS_FILE, read_results, read_selections
 from .runner import CONFIG_FILE
 
 _DEFAULTS = ExperimentConfig().to_dict()  # for keys a config.yaml lacks
 
 
 def load_run_folder(path: str | Path) -> RunFolder:
-    """Read results.csv and config.yaml of a run folder; one-line errors for anything unusable."""
+    """Read config.yaml and results.csv of a run folder (and check its selections.jsonl); one-line
+    errors for anything unusable."""
     path = Path(path)
     if not path.is_dir():
         what = "is not a folder" if path.exists() else "does not exist"
@@ -30,30 +28,13 @@ def load_run_folder(path: str | Path) -> RunFolder:
     for name in (RESULTS_FILE, CONFIG_FILE):
         if not (path / name).is_file():
             raise RunDirectoryError(f"{path} has no {name}; give folders made by `gradnorm-al run`")
+    # the readers check every value and name the file and line of the first bad one
+    config = ExperimentConfig.from_yaml(path / CONFIG_FILE)
     text = (path / CONFIG_FILE).read_text(encoding="utf-8")
-    try:
-        config = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "parse error"
-        raise ConfigError(f"{path / CONFIG_FILE} is not valid YAML: {first}") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path / CONFIG_FILE} must hold a mapping of options")
-    with open(path / RESULTS_FILE, newline="", encoding="utf-8") as fh:
-        header = next(csv.reader(fh), [])
-    missing = [c for c in RESULT_COLUMNS if c not in header]
-    if missing:
-        raise RunDirectoryError(
-            f"{path / RESULTS_FILE} lacks column(s) {', '.join(missing)}; is it a gradnorm-al "
-            "results file?"
-        )
-    try:
-        rows = read_results(path / RESULTS_FILE)
-    except ValueError as err:
-        raise RunDirectoryError(f"{path / RESULTS_FILE} is malformed: {err}") from None
-    for i, row in enumerate(rows, start=2):
-        if any(row[c] is None for c in RESULT_COLUMNS if c != "select_seconds"):
-            raise RunDirectoryError(f"{path / RESULTS_FILE} line {i} has an empty value")
-    return RunFolder(path, config, text, rows, _DEFAULTS)
+    rows = read_results(path / RESULTS_FILE, config)
+    if (path / SELECTIONS_FILE).is_file():  # not reported on, but part of the run: checked too
+        read_selections(path / SELECTIONS_FILE)
+    return RunFolder(path, config.to_dict(), text, rows, _DEFAULTS)
 
 
 def write_report(run_dirs: list[Path], out_dir: Path) -> ReportResult:

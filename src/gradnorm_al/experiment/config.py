@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ConfigFileError, read_text
 from ..loop import LoopConfig
 from ..options import from_mapping, option, to_mapping, validate
 from ..strategies.gradnorm import SCALAR_NORMS
@@ -86,21 +86,18 @@ class ExperimentConfig(TrainConfig, LoopConfig, _Setup):
         if not path.is_file():
             raise ConfigError(f"config file {path} is not a file; give a YAML file")
         try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise ConfigError(
-                f"config file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
-            ) from None
+            text = read_text(path, "save it as UTF-8 text", ConfigFileError)
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        values, lines = _load_yaml(path, text)
         try:
-            values = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            first = str(exc).splitlines()[0] if str(exc) else "parse error"
-            raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of options")
-        return cls.from_dict(values, base)
+            return cls.from_dict(values, base)
+        except ConfigError as err:
+            # the line of the first option that is wrong on its own (else the first line)
+            line = next(
+                (lines.get(str(k), 1) for k, v in values.items() if _refused(cls, k, v, base)), 1
+            )
+            raise ConfigFileError(path, line, str(err), "correct or remove that option") from None
 
     def to_dict(self) -> dict[str, Any]:
         return to_mapping(self)
@@ -125,6 +122,59 @@ class ExperimentConfig(TrainConfig, LoopConfig, _Setup):
             raise ConfigError("give at least one strategy")
         if len(set(self.strategies)) != len(self.strategies):
             raise ConfigError(f"a strategy is listed twice: {self.strategies}")
+
+
+def _load_yaml(path: Path, text: str) -> tuple[dict[str, Any], dict[str, int]]:
+    """The mapping of a YAML config file and the line of each key; ConfigFileError naming the
+    line for invalid YAML, a file that is not a mapping, or a key given twice."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        values = yaml.safe_load(text)
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        problem = f"character {chr(exc.character)!r} is not allowed in YAML"
+        raise ConfigFileError(path, line, problem, "delete it") from None
+    except yaml.YAMLError as exc:
+        # the start of an unclosed bracket or quote, else where the parser stopped
+        context, mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        problem, where = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+        if mark is None or not context or context.startswith("while parsing a block"):
+            context, mark = None, where
+        what = problem or str(exc).splitlines()[0]
+        if context and where is not None:
+            what = f"{context}: {what} on line {where.line + 1}"
+        line = mark.line + 1 if mark is not None else 1
+        raise ConfigFileError(
+            path, line, f"not valid YAML ({what})", "correct the YAML syntax there"
+        ) from None
+    if values is None:
+        return {}, {}
+    if not isinstance(values, dict) or not isinstance(node, yaml.MappingNode):
+        raise ConfigFileError(
+            path,
+            node.start_mark.line + 1 if node is not None else 1,
+            f"the file must hold a mapping of options (option: value), not a "
+            f"{type(values).__name__}",
+            "write one `option: value` per line",
+        )
+    lines: dict[str, int] = {}  # by the key's text
+    for key_node, _ in node.value:
+        key, line = str(key_node.value), key_node.start_mark.line + 1
+        if key in lines:
+            raise ConfigFileError(
+                path, line, f"option {key!r} is already set on line {lines[key]}", "keep one"
+            )
+        lines[key] = line
+    return values, lines
+
+
+def _refused(cls: type[ExperimentConfig], key: Any, value: Any, base: Any) -> bool:
+    """Whether the option ``key: value`` alone is refused."""
+    try:
+        cls.from_dict({key: value}, base)
+    except ConfigError:
+        return True
+    return False
 
 
 def _part(cls: type[T], config: ExperimentConfig) -> T:

@@ -28,7 +28,7 @@ from .stats import (
     mean_trial_ranks,
     min_sign_flip_pvalue,
 )
-from .summary import StrategySummary, per_trial_auc, plot_curves, summarise
+from .summary import StrategySummary, pct_mean_std, per_trial_auc, plot_curves, summarise
 
 REPORT_FILES = ("report.html", "summary.md", "curves.png")
 
@@ -54,18 +54,11 @@ class Table:
 DASH = "—"
 
 
-def _pct(values: np.ndarray, digits: int = 1) -> str:
-    """Mean ± sample std of fractions, in %."""
-    std = values.std(ddof=1) if len(values) > 1 else 0.0
-    return f"{100 * values.mean():.{digits}f} ± {100 * std:.{digits}f}"
-
-
 def _secs(values: list[float]) -> str:
     if not values:
         return DASH
     v = np.asarray(values, dtype=np.float64)
-    std = v.std(ddof=1) if len(v) > 1 else 0.0
-    return f"{v.mean():.2f} ± {std:.2f}"
+    return f"{v.mean():.2f}" if len(v) < 2 else f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
 
 
 def _p(p: float) -> str:
@@ -98,7 +91,7 @@ def auc_table(summaries: list[StrategySummary]) -> Table:
             [
                 str(ranks[s.strategy]),
                 s.strategy,
-                _pct(s.auc),
+                pct_mean_std(s.auc),
                 f"{trial_ranks[s.strategy]:.2f}" if trial_ranks else DASH,
                 str(s.trials),
                 ", ".join(f"t{t}: {100 * a:.1f}" for t, a in per.items()),
@@ -114,13 +107,24 @@ def accuracy_table(summaries: list[StrategySummary], num_labeled: list[int]) -> 
     header += [f"{100 * f:.0f}% ({n})" for f, n in zip(fractions, num_labeled)]
     table = Table([*header, "AUC", "trials"])
     for s in ranked(summaries):
-        cells = [s.strategy, *[_pct(s.accuracy[:, c]) for c in range(s.accuracy.shape[1])]]
-        table.rows.append([*cells, _pct(s.auc), str(s.trials)])
+        cells = [s.strategy, *[pct_mean_std(s.accuracy[:, c]) for c in range(s.accuracy.shape[1])]]
+        table.rows.append([*cells, pct_mean_std(s.auc), str(s.trials)])
     return table
 
 
 def pairs_table(comparisons: list[PairComparison]) -> Table:
-    table = Table(["pair", "mean ΔAUC ± std (pp)", "t-test p", "permutation p", "n", "verdict"])
+    table = Table(
+        [
+            "pair",
+            "mean ΔAUC ± std (pp)",
+            "95% interval (pp)",
+            "t-test p",
+            "permutation p",
+            "wins",
+            "n",
+            "verdict",
+        ]
+    )
     for c in comparisons:
         if c.n == 0:
             diff = DASH
@@ -128,7 +132,21 @@ def pairs_table(comparisons: list[PairComparison]) -> Table:
             diff = f"{100 * c.mean_diff:+.2f}"
         else:
             diff = f"{100 * c.mean_diff:+.2f} ± {100 * c.std_diff:.2f}"
-        table.rows.append([c.label, diff, _p(c.t_pvalue), _p(c.perm_pvalue), str(c.n), c.verdict])
+        interval = (
+            DASH if math.isnan(c.ci_low) else f"[{100 * c.ci_low:+.2f}, {100 * c.ci_high:+.2f}]"
+        )
+        table.rows.append(
+            [
+                c.label,
+                diff,
+                interval,
+                _p(c.t_pvalue),
+                _p(c.perm_pvalue),
+                f"{c.wins}/{c.n}",
+                str(c.n),
+                c.verdict,
+            ]
+        )
     return table
 
 
@@ -219,9 +237,10 @@ def _pairs_note(comparisons: list[PairComparison]) -> str:
     floors = ", ".join(f"{min_sign_flip_pvalue(n):.3g} with n = {n}" for n in ns)
     return (
         "ΔAUC = first − second in percentage points, over the trials both finished (trial t of "
-        "every strategy has the same seed: same initial pool and model). Verdict: paired t-test "
-        f"at α = {ALPHA:g} (it assumes normally distributed differences). The exact sign-flip "
-        "permutation p needs no such assumption but can never be below 2 / 2^n"
+        "every strategy has the same seed: same initial pool and model); wins: trials where the "
+        f"first is above. Verdict: paired t-test at α = {ALPHA:g} (it assumes normally "
+        "distributed differences), a difference only where the 95% interval excludes 0. The "
+        "exact sign-flip permutation p needs no such assumption but can never be below 2 / 2^n"
         + (f" ({floors})" if floors else "")
         + f", so with few trials it cannot reach {ALPHA:g} by itself."
     )
@@ -241,7 +260,8 @@ def _markdown(sec: _Sections) -> str:
         "![learning curves: test accuracy vs labelled fraction, mean ± std](curves.png)\n",
         "## Area under the learning curve\n",
         "AUC: area under test accuracy vs labelled fraction divided by the fraction range (the "
-        "curve's mean accuracy, %), mean ± sample std over trials; rank 1 = best mean.\n",
+        "curve's mean accuracy, %), mean ± sample std over trials (the mean alone for one trial); "
+        "rank 1 = best mean.\n",
         sec.auc.markdown(),
         "## Pairwise comparisons\n",
         sec.pairs.markdown() if sec.pairs.rows else "(fewer than two strategies finished)\n",
@@ -300,8 +320,8 @@ def _html(sec: _Sections, png: bytes) -> str:
         'alt="test accuracy vs labelled fraction, mean and ± std band per strategy">',
         "<h2>Area under the learning curve</h2>",
         '<p class="note">AUC: area under test accuracy vs labelled fraction divided by the '
-        "fraction range (the curve's mean accuracy, %), mean ± sample std over trials; rank 1 = "
-        "best mean.</p>",
+        "fraction range (the curve's mean accuracy, %), mean ± sample std over trials (the mean "
+        "alone for one trial); rank 1 = best mean.</p>",
         sec.auc.html(),
         "<h2>Pairwise comparisons</h2>",
         sec.pairs.html() if sec.pairs.rows else "<p>(fewer than two strategies finished)</p>",

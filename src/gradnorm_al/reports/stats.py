@@ -10,6 +10,9 @@ the per-trial differences is zero with
   likely to be positive as negative, so all 2^n sign patterns are equally likely; the p-value is the
   share of patterns whose |sum| is at least the observed |sum|. It needs no normality, but with n
   trials it cannot go below 2 / 2^n (0.25 for 3 trials).
+
+With each comparison come the 95% t-interval of the mean difference (it excludes 0 exactly when
+the paired t-test gives p < 0.05) and the number of trials the first strategy won.
 """
 
 from __future__ import annotations
@@ -96,6 +99,9 @@ class PairComparison:
     t_pvalue: float  # NaN when undefined
     perm_pvalue: float  # NaN when n = 0
     verdict: str
+    ci_low: float = math.nan  # 95% t-interval of the mean difference, NaN when n < 2
+    ci_high: float = math.nan
+    wins: int = 0  # trials where first's AUC is above second's
 
     @property
     def n(self) -> int:
@@ -104,6 +110,38 @@ class PairComparison:
     @property
     def label(self) -> str:
         return f"{self.first} vs {self.second}"
+
+    @property
+    def significant(self) -> bool:
+        """Whether the verdict names a better strategy (the interval excludes 0)."""
+        return "better" in self.verdict
+
+    def sentence(self) -> str:
+        """One line in percentage points: ``+0.91 [+0.12, +1.70], p=0.25, wins 3/3: <verdict>``
+        (p: the sign-flip permutation p-value); "not significant" when the interval holds 0."""
+        if self.n == 0:
+            return "no shared trial"
+        diff = f"{100 * self.mean_diff:+.2f}"
+        if self.n == 1:
+            return f"{diff} in 1 trial: {self.verdict}"
+        words = self.verdict if self.significant else "not significant"
+        if words == "not significant" and self.verdict.startswith("no difference"):
+            words = self.verdict
+        elif words == "not significant":
+            words += " (the interval contains 0)"
+        return (
+            f"{diff} [{100 * self.ci_low:+.2f}, {100 * self.ci_high:+.2f}], "
+            f"p={self.perm_pvalue:.2g}, wins {self.wins}/{self.n}: {words}"
+        )
+
+
+def mean_interval(d: Sequence[float], level: float = 1 - ALPHA) -> tuple[float, float]:
+    """The ``level`` t-interval of the mean of ``d`` [n]; NaN bounds when n < 2."""
+    d = np.asarray(d, dtype=np.float64)
+    if len(d) < 2:
+        return math.nan, math.nan
+    half = float(sps.t.ppf(0.5 + level / 2, len(d) - 1)) * float(d.std(ddof=1)) / math.sqrt(len(d))
+    return float(d.mean()) - half, float(d.mean()) + half
 
 
 def verdict(
@@ -139,6 +177,7 @@ def compare_pair(
     std = float(d.std(ddof=1)) if len(d) >= 2 else math.nan
     t_p = paired_t_pvalue(a, b)
     perm_p = sign_flip_pvalue(d)
+    low, high = mean_interval(d, 1 - alpha)
     return PairComparison(
         first,
         second,
@@ -148,6 +187,9 @@ def compare_pair(
         t_p,
         perm_p,
         verdict(first, second, len(d), mean, t_p, alpha),
+        low,
+        high,
+        int(np.count_nonzero(d > 0)),
     )
 
 

@@ -10,6 +10,9 @@ from typing import Any
 import numpy as np
 
 from ..atomic import atomic_open, atomic_write_text
+from .stats import ALPHA, compare_pair, min_sign_flip_pvalue
+
+RANDOM = "random"  # the baseline every strategy is compared with
 
 
 @dataclass
@@ -42,15 +45,15 @@ def area_under_curve(fractions: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
 def summarise(rows: list[dict[str, Any]]) -> list[StrategySummary]:
     """Per-strategy summaries from results rows, strategies in order of first appearance.
 
-    Only trials that finished every cycle seen for the strategy are used.
+    Only trials that finished every cycle up to the last one seen for the strategy are used.
     """
     by_strategy: dict[str, dict[int, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
     for row in rows:
         by_strategy[row["strategy"]][row["trial"]][row["cycle"]] = row
     summaries = []
     for strategy, trials in by_strategy.items():
-        cycles = max(len(c) for c in trials.values())
-        complete = [t for t in sorted(trials) if len(trials[t]) == cycles]
+        cycles = 1 + max(max(c) for c in trials.values())
+        complete = [t for t in sorted(trials) if all(c in trials[t] for c in range(cycles))]
         if not complete:
             continue
         acc = np.array([[trials[t][c]["test_accuracy"] for c in range(cycles)] for t in complete])
@@ -73,9 +76,10 @@ def per_trial_auc(summaries: list[StrategySummary]) -> dict[str, dict[int, float
     return out
 
 
-def _mean_std(values: np.ndarray) -> str:
-    std = values.std(ddof=1) if len(values) > 1 else 0.0
-    return f"{100 * values.mean():.1f} ± {100 * std:.1f}"
+def pct_mean_std(values: np.ndarray, digits: int = 1) -> str:
+    """Mean ± sample std of fractions, in %; the mean alone for one value (no spread to show)."""
+    mean = f"{100 * values.mean():.{digits}f}"
+    return mean if len(values) < 2 else f"{mean} ± {100 * values.std(ddof=1):.{digits}f}"
 
 
 def format_table(summaries: list[StrategySummary]) -> str:
@@ -87,10 +91,46 @@ def format_table(summaries: list[StrategySummary]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summaries:
         cells = [s.strategy]
-        cells += [_mean_std(s.accuracy[:, c]) for c in range(s.accuracy.shape[1])]
-        cells.append(_mean_std(s.auc))
+        cells += [pct_mean_std(s.accuracy[:, c]) for c in range(s.accuracy.shape[1])]
+        cells.append(pct_mean_std(s.auc))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def paired_statistics(summaries: list[StrategySummary]) -> str:
+    """Each strategy (best mean AUC first) paired, trial by trial, with random and with the best
+    other strategy but random (by mean AUC; one whose AUC equals this one's in every trial, such
+    as the other gradnorm scheme, is not "other"), as markdown: the AUC difference in percentage
+    points with its 95% interval, the sign-flip p-value, the wins, and whether the difference is
+    significant. Empty with fewer than two strategies."""
+    if len(summaries) < 2:
+        return ""
+    aucs = per_trial_auc(summaries)
+    means = {s.strategy: float(s.auc.mean()) for s in summaries}
+    order = sorted(means, key=lambda name: -means[name])
+    lines = []
+    for name in order:
+        parts = []
+        if RANDOM in aucs and name != RANDOM:
+            parts.append(
+                "vs random " + compare_pair(name, RANDOM, aucs[name], aucs[RANDOM]).sentence()
+            )
+        others = [o for o in order if o not in (name, RANDOM) and aucs[o] != aucs[name]]
+        if others:
+            best = others[0]
+            pair = compare_pair(name, best, aucs[name], aucs[best])
+            parts.append(f"vs best other ({best}) {pair.sentence()}")
+        if parts:
+            lines.append(f"- **{name}**: " + "; ".join(parts))
+    n = max(s.trials for s in summaries)
+    return (
+        "Paired comparisons: AUC difference (percentage points) over the trials both finished "
+        "(trial t of every strategy starts from the same seed, initial pool and model), its 95% "
+        f"t-interval, the exact sign-flip permutation p-value (it cannot go below "
+        f"{min_sign_flip_pvalue(n):.2g} with {n} trials) and the trials won. A strategy is "
+        f"called better only where the interval excludes 0 (paired t-test, p < {ALPHA:g}); "
+        "otherwise the difference is not significant.\n\n" + "\n".join(lines) + "\n"
+    )
 
 
 def summary_markdown(summaries: list[StrategySummary], config: dict[str, Any]) -> str:
@@ -100,10 +140,15 @@ def summary_markdown(summaries: list[StrategySummary], config: dict[str, Any]) -
         f"# gradnorm-al results: {config.get('dataset')}\n\n"
         f"Model {model}; {config.get('epochs')} epochs per cycle; "
         f"{', '.join(map(str, trials))} trial(s); seeds from {config.get('seed')}.\n\n"
-        "Test accuracy (%) by labelled fraction of the pool, mean ± sample std over trials. "
+        "Test accuracy (%) by labelled fraction of the pool, mean ± sample std over trials "
+        "(the mean alone for one trial). "
         "AUC: area under the learning curve divided by the fraction range (the curve's mean "
-        "accuracy, %).\n\n" + format_table(summaries)
+        "accuracy, %).\n\n" + format_table(summaries) + _section(paired_statistics(summaries))
     )
+
+
+def _section(text: str) -> str:
+    return "\n" + text if text else ""
 
 
 def plot_curves(summaries: list[StrategySummary], path: Path, title: str = "") -> None:
@@ -146,8 +191,9 @@ def plot_curves(summaries: list[StrategySummary], path: Path, title: str = "") -
 
 
 def write_summary(rows: list[dict[str, Any]], config: dict[str, Any], out_dir: Path) -> str:
-    """Write summary.md and curves.png into ``out_dir``; return the printed table."""
+    """Write summary.md and curves.png into ``out_dir``; return what is printed: the table and
+    the paired statistics."""
     summaries = summarise(rows)
     atomic_write_text(out_dir / "summary.md", summary_markdown(summaries, config))
     plot_curves(summaries, out_dir / "curves.png", title=str(config.get("dataset", "")))
-    return format_table(summaries)
+    return format_table(summaries) + _section(paired_statistics(summaries))
