@@ -624,7 +624,7 @@ def test_non_numeric_epochs(capsys: pytest.CaptureFixture[str]) -> None:
     out, err = capsys.readouterr()
     assert out == ""
     line = one_error_line(err)
-    assert line.startswith("gradnorm-al run: error: argument --epochs")
+    assert line.startswith("gradnorm-al: error: argument --epochs")
     assert "'abc'" in line
 
 

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import RunLockedError, WriteError
+from ..errors import RunDirectoryError, RunLockedError, WriteError
 
 LOCK_FILE = ".gradnorm-al.lock"
 
@@ -36,8 +36,13 @@ def run_lock(folder: str | Path) -> Iterator[Path]:
     """
     folder = Path(folder)
     path = folder / LOCK_FILE
+    if folder.exists() and not folder.is_dir():
+        raise RunDirectoryError(f"output path {folder} exists and is not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise WriteError(f"cannot use output folder {folder}: {err.strerror or err}") from None
+    try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as err:
         raise WriteError(f"cannot write {path}: {err.strerror or err}") from None

@@ -239,32 +239,7 @@ def run_experiment(
     out = Path(out_dir)
     if resume:
         read_run_config(out)  # raises the explanation when there is no run to resume
-    with run_lock(out):
-        return _run_locked(config, out, device, started, overwrite, resume, progress, log, bundle)
-
-
-def protocol(config: ExperimentConfig) -> dict[str, Any]:
-    """The resolved options that define a run's results (all but :data:`RESUMABLE_OPTIONS`),
-    recorded in every state and compared on ``--resume``."""
-    return {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_OPTIONS}
-
-
-def _run_locked(
-    config: ExperimentConfig,
-    out: Path,
-    device: torch.device,
-    started: float,
-    overwrite: bool,
-    resume: bool,
-    progress: bool,
-    log: Callable[[str], None],
-    bundle: DatasetBundle | None,
-) -> ExperimentResult:
-    if resume:
-        remove_temporaries(out)  # a killed writer's; we hold the lock, so none is live
-    else:
-        prepare_out_dir(out, overwrite)
-        atomic_write_text(out / CONFIG_FILE, config.to_yaml())
+    # everything that can refuse the options or the data comes before the folder is touched
     if bundle is None:
         bundle = load_dataset(config.dataset, config.data_root, config.download)
     if config.pool_size is not None:
@@ -278,6 +253,48 @@ def _run_locked(
     model_factory = partial(
         create_model, model_name, num_classes=bundle.num_classes, in_channels=bundle.in_channels
     )
+    plan = _Plan(config, bundle, loop, train, strategies, model_name, model_factory, device)
+    with run_lock(out):
+        return _run_locked(plan, out, started, overwrite, resume, progress, log)
+
+
+@dataclass
+class _Plan:
+    """What a run computes, checked before its folder is touched."""
+
+    config: ExperimentConfig
+    bundle: DatasetBundle
+    loop: LoopConfig
+    train: TrainConfig
+    strategies: dict[str, Strategy]
+    model_name: str
+    model_factory: Callable[[], nn.Module]
+    device: torch.device
+
+
+def protocol(config: ExperimentConfig) -> dict[str, Any]:
+    """The resolved options that define a run's results (all but :data:`RESUMABLE_OPTIONS`),
+    recorded in every state and compared on ``--resume``."""
+    return {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_OPTIONS}
+
+
+def _run_locked(
+    plan: _Plan,
+    out: Path,
+    started: float,
+    overwrite: bool,
+    resume: bool,
+    progress: bool,
+    log: Callable[[str], None],
+) -> ExperimentResult:
+    config, bundle, loop, train = plan.config, plan.bundle, plan.loop, plan.train
+    strategies, model_name, device = plan.strategies, plan.model_name, plan.device
+    model_factory = plan.model_factory
+    if resume:
+        remove_temporaries(out)  # a killed writer's; we hold the lock, so none is live
+    else:
+        prepare_out_dir(out, overwrite)
+        atomic_write_text(out / CONFIG_FILE, config.to_yaml())
     recorded = protocol(config)
     store = ResultsStore(out)
     states = {}
