@@ -269,8 +269,14 @@ def test_an_edited_config_is_refused_on_resume_naming_the_changed_keys(tmp_path,
     assert main(["run", "--resume", str(out), "--quiet"]) == 2
     line = one_line(capsys.readouterr().err)
     assert "epochs: 1 -> 2" in line and "lr: 0.1 -> 0.5" in line
+    # a strategy dropped from the file would drop its finished rows: refused too
+    config.update(epochs=1, lr=0.1, strategies=["entropy"])
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", "--resume", str(out), "--quiet"]) == 2
+    assert "random.t0.pt" in one_line(capsys.readouterr().err)
+    assert rows(out) == rows(reference)
     # what may change on resume: where the data is and what computes
-    config.update(epochs=1, lr=0.1)
+    config.update(strategies=list(STRATEGIES))
     (out / "config.yaml").write_text(yaml.safe_dump(config))
     assert main(["run", "--resume", str(out), "--quiet", "--device", "cpu"]) == 0
     assert rows(out) == rows(reference)

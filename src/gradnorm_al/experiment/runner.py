@@ -272,6 +272,22 @@ class _Plan:
     device: torch.device
 
 
+def _check_no_stray_states(out: Path, config: ExperimentConfig) -> None:
+    """Refuse a resume whose config.yaml no longer lists a strategy or trial that has a state:
+    its finished rows would drop out of results.csv."""
+    folder = out / STATE_DIR
+    if not folder.is_dir():
+        return
+    wanted = {state_path(out, s, t).name for s in config.strategies for t in range(config.trials)}
+    for path in sorted(folder.iterdir()):
+        if RUN_FOLDERS[STATE_DIR].match(path.name) and path.name not in wanted:
+            raise RunDirectoryError(
+                f"{path} holds finished cycles of a strategy or trial that {out / CONFIG_FILE} no "
+                "longer lists; a resumed run must keep its protocol: restore config.yaml, or "
+                "start a new run in another --out"
+            )
+
+
 def protocol(config: ExperimentConfig) -> dict[str, Any]:
     """The resolved options that define a run's results (all but :data:`RESUMABLE_OPTIONS`),
     recorded in every state and compared on ``--resume``."""
@@ -299,6 +315,7 @@ def _run_locked(
     store = ResultsStore(out)
     states = {}
     if resume:  # every finished row back before the first rewrite: never fewer rows than before
+        _check_no_stray_states(out, config)
         for trial in range(config.trials):
             for name in strategies:
                 path = state_path(out, name, trial)
