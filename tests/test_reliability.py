@@ -442,3 +442,12 @@ def test_every_usage_error_has_the_one_format(argv, capsys):
     assert exc.value.code == 2
     line = one_line(capsys.readouterr().err)
     assert "--help" in line
+
+
+def test_a_selection_missing_from_a_finished_cycle_is_named(tmp_path, reference, capsys):
+    out = copy_run(reference, tmp_path / "run")
+    lines = (out / "selections.jsonl").read_text().splitlines(keepends=True)
+    (out / "selections.jsonl").write_text("".join(lines[:1] + lines[2:]))  # random t0 c1 gone
+    assert main(["analyze", "topk-overlap", str(out), "--quiet"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "selections.jsonl lacks the selection of random trial 0 cycle 1" in line

@@ -129,6 +129,13 @@ class RunReader:
             labeled = pool.labeled()
             record = self._selections.get((strategy, trial, cycle))
             selected = None if record is None else record.indices
+            if record is None and cycle < loop.cycles - 1:  # its row comes after its selection
+                raise RunDirectoryError(
+                    f"{self.selections_path} lacks the selection of {strategy} trial {trial} cycle "
+                    f"{cycle}, which {RESULTS_FILE} lists as finished; restore the file: "
+                    f"`gradnorm-al run --resume {self.run_dir}` rewrites it from the run's "
+                    "checkpoints"
+                )
             candidates = None
             if record is not None:
                 candidates = cycle_candidates(pool.unlabeled(), loop.subset_size, seed, cycle)
