@@ -1,5 +1,5 @@
-"""Tasks: the interface admits dense outputs [N, C, H, W] with an ignore index and mIoU, proven
-with a tiny dense task written here (the real segmentation task is its own issue)."""
+"""Tasks: classification and segmentation (dense outputs [N, C, H, W], ignore index 255,
+mIoU), through the learner, the loop and every strategy."""
 
 from __future__ import annotations
 
@@ -10,78 +10,35 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from gradnorm_al import ActiveLearner, ClassificationTask, DataError, DatasetOracle
+from gradnorm_al import (
+    ActiveLearner,
+    ClassificationTask,
+    ConfigError,
+    DataError,
+    DatasetOracle,
+    SegmentationTask,
+)
+from gradnorm_al.data.shapes import synthetic_shapes
 from gradnorm_al.experiment.results import ResultsStore
 from gradnorm_al.loop import LoopConfig, run_trial
 from gradnorm_al.strategies.gradnorm import entropy_loss
-from gradnorm_al.tasks import MetricAccumulator, Task, reduce_elements
+from gradnorm_al.tasks import confusion_matrix, miou_and_pixel_accuracy, reduce_elements
 from gradnorm_al.train import TrainConfig
 
 IGNORE = 255
 
 
-class _Confusion(MetricAccumulator):
-    def __init__(self, num_classes: int) -> None:
-        self.c = num_classes
-        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-
-    def update(self, output, target):
-        pred, target = output.argmax(dim=1).flatten(), target.flatten()
-        valid = target != IGNORE
-        self.matrix += torch.bincount(
-            target[valid] * self.c + pred[valid], minlength=self.c * self.c
-        ).reshape(self.c, self.c)
-
-    def compute(self):
-        m = self.matrix.double()
-        inter, union = m.diag(), m.sum(0) + m.sum(1) - m.diag()
-        present = union > 0
-        return {
-            "miou": float((inter[present] / union[present]).mean()),
-            "pixel_accuracy": float(inter.sum() / m.sum()),
-        }
-
-
-class DenseToyTask(Task):
-    """Per-pixel classes with an ignore index; mIoU over classes present; pixel accuracy."""
-
-    name = "dense-toy"
-    metrics = ("miou", "pixel_accuracy")
-
-    def __init__(self, num_classes: int = 3, reduction: str = "mean") -> None:
-        self.num_classes, self.reduction = num_classes, reduction
-
-    def loss(self, output, target):
-        return F.cross_entropy(output, target, ignore_index=IGNORE)
-
-    def per_sample_loss(self, output, target):
-        pixels = F.cross_entropy(output, target, ignore_index=IGNORE, reduction="none")
-        return reduce_elements(pixels, "mean", valid=target != IGNORE)
-
-    def metric_accumulator(self):
-        return _Confusion(self.num_classes)
-
-    def collate(self, labels):
-        masks = torch.stack([torch.as_tensor(m, dtype=torch.int64) for m in labels])
-        bad = (masks != IGNORE) & ((masks < 0) | (masks >= self.num_classes))
-        if bad.any():
-            raise DataError(f"mask value {int(masks[bad][0])} is not a class or {IGNORE}")
-        return masks
-
-
 class TinyFCN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 3, 1))
+        self.net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 3, 1))
 
     def forward(self, x):
         return self.net(x)
 
 
 def _toy(n=48, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, 8, 8, generator=g)
-    masks = (x[:, 0] * 3).long().clamp(max=2)
+    x, masks = synthetic_shapes(n, 8, seed=seed)
     masks[:, 0, :] = IGNORE  # the first row of every image is unlabelled
     return x, masks
 
@@ -97,13 +54,13 @@ def test_reduce_elements_by_hand():
     assert reduce_elements(torch.tensor([1.0, 2.0]), "max").tolist() == [1.0, 2.0]
 
 
-def test_a_dense_task_runs_through_the_learner_and_the_loop(tmp_path):
+def test_segmentation_runs_through_the_learner_and_the_loop(tmp_path):
     x, masks = _toy()
     test = TensorDataset(*_toy(16, seed=1))
     learner = ActiveLearner(
         TinyFCN,
         TensorDataset(x, masks),
-        DenseToyTask(),
+        SegmentationTask(3),
         "entropy-gradnorm",
         oracle=DatasetOracle(masks),
         train=TrainConfig(epochs=3, lr=0.1, batch_size=8),
@@ -129,7 +86,7 @@ def test_dense_gradnorm_scores_equal_one_backward_per_image():
     learner = ActiveLearner(
         model,
         TensorDataset(x.double(), masks),
-        DenseToyTask(),
+        SegmentationTask(3),
         "entropy-gradnorm",
         train=TrainConfig(epochs=1, batch_size=8),
     )
@@ -152,7 +109,7 @@ def test_uncertainty_scores_use_the_tasks_reduction(reduction):
     learner = ActiveLearner(
         TinyFCN(),
         TensorDataset(x, masks),
-        DenseToyTask(reduction=reduction),
+        SegmentationTask(3, reduction=reduction),
         "entropy",
         train=TrainConfig(epochs=1, batch_size=8),
     )
@@ -175,3 +132,77 @@ def test_classification_labels_are_checked():
     with pytest.raises(DataError, match="booleans"):
         task.collate(np.array([True, False]))
     assert task.result_columns() == ("test_accuracy", "train_accuracy")
+
+
+def test_miou_against_a_confusion_matrix_by_hand():
+    """Two 1x3 images, 4 classes (class 3 appears nowhere), one ignored pixel predicted 0.
+
+    true  [0 0 1] [1 2 255]   rows true, columns predicted:  [[1 1 0 0]
+    pred  [0 1 1] [1 1 0  ]                                   [0 2 0 0]
+                                                              [0 1 0 0]
+                                                              [0 0 0 0]]
+    IoU_0 = 1 / (2 + 1 - 1) = 1/2, IoU_1 = 2 / (2 + 4 - 2) = 1/2, IoU_2 = 0 / (1 + 0 - 0) = 0,
+    class 3 has union 0 and is left out: mIoU = 1/3; pixel accuracy = 3 / 5.
+    """
+    target = torch.tensor([[[0, 0, 1]], [[1, 2, IGNORE]]])
+    pred = torch.tensor([[[0, 1, 1]], [[1, 1, 0]]])
+    expected = [[1, 1, 0, 0], [0, 2, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]]
+    assert confusion_matrix(pred, target, 4, IGNORE).tolist() == expected
+    assert miou_and_pixel_accuracy(torch.tensor(expected)) == pytest.approx(
+        {"miou": 1 / 3, "pixel_accuracy": 3 / 5}
+    )
+    task = SegmentationTask(4)
+    acc = task.metric_accumulator()
+    logits = F.one_hot(pred, 4).permute(0, 3, 1, 2).float()  # argmax = pred
+    for i in range(2):  # accumulated over batches, not averaged per batch
+        acc.update(logits[i : i + 1], target[i : i + 1])
+    assert acc.compute() == pytest.approx({"miou": 1 / 3, "pixel_accuracy": 3 / 5})
+    assert task.result_columns() == (
+        "test_miou", "test_pixel_accuracy", "train_miou", "train_pixel_accuracy"
+    )  # fmt: skip
+
+
+def test_segmentation_loss_leaves_out_the_ignore_index():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([[[0, 1], [2, IGNORE]], [[IGNORE] * 2] * 2])
+    task = SegmentationTask(3)
+    log_p = F.log_softmax(logits, dim=1)
+    nll = [-log_p[0, c, i, j] for (i, j), c in [((0, 0), 0), ((0, 1), 1), ((1, 0), 2)]]
+    first = sum(nll) / 3
+    assert torch.allclose(task.per_sample_loss(logits, target), torch.stack([first, first * 0]))
+    assert torch.allclose(task.loss(logits, target), first)  # mean over the 3 valid pixels
+    none_valid = task.loss(logits, torch.full((2, 2, 2), IGNORE))
+    assert float(none_valid.detach()) == 0.0 and none_valid.requires_grad  # not NaN
+
+
+def test_segmentation_masks_are_checked():
+    task = SegmentationTask(3)
+    masks = task.collate(
+        [np.array([[0, 1], [2, IGNORE]], dtype=np.uint8), torch.zeros(2, 2, dtype=torch.int32)]
+    )
+    assert masks.dtype == torch.int64 and masks.shape == (2, 2, 2)
+    with pytest.raises(DataError, match=r"mask value 7 is neither a class in \[0, 3\).*fix"):
+        task.collate([np.array([[0, 7], [7, 1]])])
+    with pytest.raises(DataError, match="mask value -1"):
+        task.collate(torch.tensor([[[-1, 0]]]))
+    with pytest.raises(DataError, match="integer class indices"):
+        task.collate([np.zeros((2, 2), dtype=np.float32)])
+    with pytest.raises(DataError, match=r"mask 1 has size \(3, 2\)"):
+        task.collate([np.zeros((2, 2), dtype=int), np.zeros((3, 2), dtype=int)])
+    with pytest.raises(DataError, match=r"one mask \[H, W\]"):
+        task.collate([np.zeros(4, dtype=int)])
+    with pytest.raises(ConfigError, match="ignore_index 2 is a class"):
+        SegmentationTask(3, ignore_index=2)
+    with pytest.raises(ConfigError, match="unknown reduction"):
+        SegmentationTask(3, reduction="median")
+
+
+def test_synthetic_shapes_are_seeded():
+    x, masks = synthetic_shapes(4, 12, seed=3)
+    assert x.shape == (4, 3, 12, 12) and x.dtype == torch.float32
+    assert masks.shape == (4, 12, 12) and masks.dtype == torch.int64
+    assert set(masks.unique().tolist()) <= {0, 1, 2} and 0.0 <= x.min() <= x.max() <= 1.0
+    again, masks_again = synthetic_shapes(4, 12, seed=3)
+    assert torch.equal(x, again) and torch.equal(masks, masks_again)
+    assert not torch.equal(masks, synthetic_shapes(4, 12, seed=4)[1])

@@ -27,7 +27,7 @@ from .oracles import CallbackOracle, DatasetOracle, Oracle
 from .pergrad import per_sample_grad_norms
 from .pool import Pool
 from .strategies import SAMPLERS, STRATEGIES, Selection, create_strategy, gradnorm_scores
-from .tasks import ClassificationTask, Task
+from .tasks import ClassificationTask, SegmentationTask, Task
 from .train import TrainConfig
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "Pool",
     "PoolError",
     "RunDirectoryError",
+    "SegmentationTask",
     "Selection",
     "SelectionError",
     "Task",

@@ -7,8 +7,12 @@ per pixel or voxel) becomes one number per sample (``reduction``: mean, sum or m
 elements, as baal's heuristics offer).
 
 :class:`ClassificationTask` (one label per sample, logits ``[N, C]``) is the task implemented
-here. The interface admits dense outputs ``[N, C, H, W]`` with an ignore index and metrics such as
-mIoU; the tests prove it with a small dense task of their own.
+and :class:`SegmentationTask` (one class per pixel, logits ``[N, C, H, W]``, an ignore index,
+mIoU and pixel accuracy) are the tasks implemented here.
+
+Dense tasks (``dense = True``) give one prediction per element, not per sample: a strategy that
+needs one ``[N, C]`` prediction (or features, votes) per sample refuses them with a
+:class:`ConfigError` (see ``Strategy.supports_dense``).
 """
 
 from __future__ import annotations
@@ -74,12 +78,15 @@ class Task:
         columns ``test_<metric>`` and ``train_<metric>`` for each, in this order.
     num_classes : number of classes of the labels.
     reduction : how per-element unsupervised losses become one number per sample.
+    dense : whether outputs hold one prediction per element (pixel, voxel), ``[N, C, ...]``,
+        rather than one per sample, ``[N, C]``.
     """
 
     name: str = "task"
     metrics: tuple[str, ...] = ()
     num_classes: int
     reduction: str = "mean"
+    dense: bool = False
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The scalar training loss of a batch (mean over the batch)."""
@@ -105,6 +112,18 @@ class Task:
         return tuple(f"test_{m}" for m in self.metrics) + tuple(f"train_{m}" for m in self.metrics)
 
 
+def _check_num_classes(num_classes: Any) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    return num_classes
+
+
+def _check_reduction(reduction: Any) -> str:
+    if reduction not in REDUCTIONS:
+        raise ConfigError(f"unknown reduction {reduction!r}; use one of {', '.join(REDUCTIONS)}")
+    return str(reduction)
+
+
 class _Accuracy(MetricAccumulator):
     def __init__(self) -> None:
         self.correct = 0
@@ -126,14 +145,8 @@ class ClassificationTask(Task):
     metrics = ("accuracy",)
 
     def __init__(self, num_classes: int, reduction: str = "mean") -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
-        if reduction not in REDUCTIONS:
-            raise ConfigError(
-                f"unknown reduction {reduction!r}; use one of {', '.join(REDUCTIONS)}"
-            )
-        self.num_classes = num_classes
-        self.reduction = reduction
+        self.num_classes = _check_num_classes(num_classes)
+        self.reduction = _check_reduction(reduction)
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(output, target)
@@ -151,3 +164,132 @@ class ClassificationTask(Task):
             raise DataError("labels must be class indices (integers), got booleans")
         check_labels(arr, self.num_classes, "labels")
         return torch.from_numpy(arr.astype(np.int64))
+
+
+def confusion_matrix(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = None
+) -> torch.Tensor:
+    """int64 [C, C] counts, row = true class, column = predicted class, over every element of
+    ``target`` (any shape; ``pred`` the same shape) whose value is not ``ignore_index``."""
+    pred, target = pred.flatten().cpu().long(), target.flatten().cpu().long()
+    if ignore_index is not None:
+        keep = target != ignore_index
+        pred, target = pred[keep], target[keep]
+    counts = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
+
+
+def miou_and_pixel_accuracy(matrix: torch.Tensor) -> dict[str, float]:
+    """mIoU and pixel accuracy of a confusion matrix [C, C] (rows true, columns predicted).
+
+    IoU of class c = TP / (TP + FP + FN) = m[c, c] / (row c + column c - m[c, c]); the mean is over
+    the classes present in the prediction or the target (union > 0), so a class absent from both
+    neither counts as 0 nor as 1. Pixel accuracy = trace / total. NaN where nothing was counted.
+    """
+    m = matrix.double()
+    inter = m.diag()
+    union = m.sum(dim=0) + m.sum(dim=1) - inter
+    present = union > 0
+    total = m.sum()
+    return {
+        "miou": float((inter[present] / union[present]).mean()) if present.any() else float("nan"),
+        "pixel_accuracy": float(inter.sum() / total) if total > 0 else float("nan"),
+    }
+
+
+class _SegmentationMetrics(MetricAccumulator):
+    def __init__(self, num_classes: int, ignore_index: int) -> None:
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        pred = output.argmax(dim=1)
+        self.matrix += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
+
+    def compute(self) -> dict[str, float]:
+        return miou_and_pixel_accuracy(self.matrix)
+
+
+class SegmentationTask(Task):
+    """One class index per pixel: logits ``[N, C, H, W]``, masks ``[N, H, W]`` int64.
+
+    * loss: pixel cross-entropy, pixels labelled ``ignore_index`` left out (mean over the valid
+      pixels of the batch); ``per_sample_loss``: each image's mean over its valid pixels (0 for
+      an image without one);
+    * metrics: ``miou`` (mean IoU over the classes present in the prediction or the target, the
+      ignore index excluded) and ``pixel_accuracy`` (over the valid pixels), accumulated as one
+      confusion matrix over the whole set; results columns ``test_miou``,
+      ``test_pixel_accuracy``, ``train_miou``, ``train_pixel_accuracy``;
+    * unsupervised scores (entropy, entropy-gradnorm, ...) are per pixel, reduced to one per
+      image with ``reduction`` (mean, sum or max) over the valid pixels. At scoring time the
+      masks are unknown, so every pixel counts as valid (``reduce(values)`` without ``valid``);
+      a caller with a validity mask of its own (e.g. padding) passes it as ``valid``.
+    """
+
+    name = "segmentation"
+    metrics = ("miou", "pixel_accuracy")
+    dense = True
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, reduction: str = "mean") -> None:
+        self.num_classes = _check_num_classes(num_classes)
+        self.reduction = _check_reduction(reduction)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise ConfigError(f"ignore_index must be an integer, got {ignore_index!r}")
+        if 0 <= ignore_index < num_classes:
+            raise ConfigError(
+                f"ignore_index {ignore_index} is a class of the {num_classes}; use a value "
+                "outside [0, num_classes) (255 by convention)"
+            )
+        self.ignore_index = ignore_index
+
+    def __repr__(self) -> str:
+        return (
+            f"SegmentationTask(num_classes={self.num_classes}, ignore_index={self.ignore_index}, "
+            f"reduction={self.reduction!r})"
+        )
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        valid = target != self.ignore_index
+        if not valid.any():  # F.cross_entropy would give NaN (0 / 0)
+            return output.sum() * 0.0
+        return F.cross_entropy(output, target, ignore_index=self.ignore_index)
+
+    def per_sample_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        pixels = F.cross_entropy(output, target, ignore_index=self.ignore_index, reduction="none")
+        return reduce_elements(pixels, "mean", valid=target != self.ignore_index)
+
+    def metric_accumulator(self) -> MetricAccumulator:
+        return _SegmentationMetrics(self.num_classes, self.ignore_index)
+
+    def collate(self, labels: Sequence[Any]) -> torch.Tensor:
+        if len(labels) == 0:
+            return torch.zeros((0, 0, 0), dtype=torch.int64)
+        masks = []
+        for i, label in enumerate(labels):
+            arr = np.asarray(label.detach().cpu() if isinstance(label, torch.Tensor) else label)
+            if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+                raise DataError(
+                    f"mask {i}: masks must hold integer class indices, got dtype {arr.dtype}; "
+                    "read masks as index (or palette) images, not RGB or float"
+                )
+            if arr.ndim != 2:
+                raise DataError(
+                    f"mask {i}: expected one mask [H, W] per sample, got shape {arr.shape}"
+                )
+            if masks and arr.shape != masks[0].shape:
+                raise DataError(
+                    f"mask {i} has size {arr.shape} but mask 0 has {masks[0].shape}; masks of "
+                    "one batch must be the same size (resize or crop them like their images)"
+                )
+            masks.append(arr.astype(np.int64))
+        stacked = np.stack(masks)
+        bad = (stacked != self.ignore_index) & ((stacked < 0) | (stacked >= self.num_classes))
+        if bad.any():
+            values = np.unique(stacked[bad])
+            raise DataError(
+                f"mask value {int(values[0])} is neither a class in [0, {self.num_classes}) nor "
+                f"the ignore index {self.ignore_index} ({int(bad.sum())} such pixels, values "
+                f"{', '.join(str(int(v)) for v in values[:5])}); fix the masks, raise "
+                "num_classes, or map unlabelled pixels to the ignore index"
+            )
+        return torch.from_numpy(stacked)
