@@ -3,6 +3,8 @@ mIoU), through the learner, the loop and every strategy."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,7 @@ from gradnorm_al import (
 from gradnorm_al.data.shapes import synthetic_shapes
 from gradnorm_al.experiment.results import ResultsStore
 from gradnorm_al.loop import LoopConfig, run_trial
+from gradnorm_al.strategies import STRATEGIES, create_strategy, dense_strategies
 from gradnorm_al.strategies.gradnorm import entropy_loss
 from gradnorm_al.tasks import confusion_matrix, miou_and_pixel_accuracy, reduce_elements
 from gradnorm_al.train import TrainConfig
@@ -206,3 +209,42 @@ def test_synthetic_shapes_are_seeded():
     again, masks_again = synthetic_shapes(4, 12, seed=3)
     assert torch.equal(x, again) and torch.equal(masks, masks_again)
     assert not torch.equal(masks, synthetic_shapes(4, 12, seed=4)[1])
+
+
+#: what runs on segmentation: strategies that reduce per-pixel scores with the task's reduction
+DENSE = {"random", "entropy", "margin", "least-confidence", "entropy-gradnorm"}
+SPECS = [*STRATEGIES.names(), "entropy@power", "entropy-gradnorm@kmeans++", "margin@k-center"]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_every_strategy_runs_or_refuses_on_segmentation(spec):
+    x, masks = _toy(12)
+    name = spec.partition("@")[0]
+    runs = name in DENSE and not spec.endswith(("kmeans++", "k-center"))
+
+    def learner():
+        return ActiveLearner(
+            TinyFCN,
+            TensorDataset(x, masks),
+            SegmentationTask(3),
+            create_strategy(spec),
+            train=TrainConfig(epochs=1, batch_size=4),
+        )
+
+    if not runs:
+        with pytest.raises(
+            ConfigError, match=re.escape(f"strategy {spec} cannot run on the segmentation")
+        ):
+            learner()
+        return
+    active = learner()
+    active.update(np.arange(4), masks[:4])
+    active.fit()
+    picked = active.query(3)
+    assert len(set(picked.tolist())) == 3 and set(picked.tolist()) <= set(range(4, 12))
+
+
+def test_expected_gradnorm_is_refused_for_segmentation_with_the_reason():
+    with pytest.raises(ConfigError, match=r"C times the entropy.*paper uses entropy-gradnorm"):
+        ActiveLearner(TinyFCN, TensorDataset(*_toy(4)), SegmentationTask(3), "expected-gradnorm")
+    assert set(dense_strategies()) == DENSE  # a new strategy must choose, and this test with it

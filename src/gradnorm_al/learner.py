@@ -34,7 +34,7 @@ from .errors import ConfigError, NonFiniteError, PoolError
 from .oracles import Oracle
 from .pool import Pool
 from .seeding import AUXILIARY_INIT, MODEL_INIT, STRATEGY, TRAIN, derive_seed, rng
-from .strategies import Selection, SelectionContext, Strategy, create_strategy
+from .strategies import Selection, SelectionContext, Strategy, check_task, create_strategy
 from .tasks import Task
 from .train import Auxiliary, TrainConfig, evaluate, fit
 
@@ -96,6 +96,7 @@ class ActiveLearner:
                 "the same items (train_pool only adds augmentation)"
             )
         self.strategy = create_strategy(strategy) if isinstance(strategy, str) else strategy
+        check_task(self.strategy, task)
         self.pool, self.task, self.oracle = pool, task, oracle
         self.train_pool = pool if train_pool is None else train_pool
         self.train_config = train if train is not None else TrainConfig()

@@ -24,7 +24,9 @@ from .base import (
     SelectionContext,
     Strategy,
     accepted_params,
+    check_task,
     create_strategy,
+    dense_strategies,
     top_k,
 )
 from .gradnorm import entropy_loss, expected_ce_loss, gradnorm_scores
@@ -38,7 +40,9 @@ __all__ = [
     "SelectionContext",
     "Strategy",
     "accepted_params",
+    "check_task",
     "create_strategy",
+    "dense_strategies",
     "entropy_loss",
     "expected_ce_loss",
     "gradnorm_scores",

@@ -81,9 +81,28 @@ class Selection:
 
 
 class Strategy:
-    """Chooses ``k`` of the context's candidates."""
+    """Chooses ``k`` of the context's candidates.
+
+    ``supports_dense``: whether the strategy works on a dense task (``task.dense``: outputs
+    ``[N, C, H, W]``, one prediction per pixel), reducing per-pixel scores to one per sample with
+    ``ctx.reduce``. Strategies that need one ``[N, C]`` prediction, feature vector or vote per
+    sample leave it False and are refused for such tasks by :func:`check_task` (one check, run by
+    :meth:`query` and by the learner when it is built); a strategy with a reason of its own
+    overrides :meth:`unsupported_task`.
+    """
 
     name: str = "strategy"
+    supports_dense: bool = False
+
+    def unsupported_task(self, task: Task | None) -> str | None:
+        """Why this strategy cannot run on ``task`` (None: it can; a None task is
+        classification)."""
+        if task is not None and task.dense and not self.supports_dense:
+            return (
+                "it needs one prediction [N, C] (or one feature vector, vote or loss) per sample, "
+                "and this task predicts per pixel"
+            )
+        return None
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Called on every freshly built task model, before its first training.
@@ -108,6 +127,7 @@ class Strategy:
     def query(self, ctx: SelectionContext, k: int) -> Selection:
         """The validated selection of ``k`` candidates, with their scores where there are any."""
         check_request(ctx, k)
+        check_task(self, ctx.task)
         chosen = self.select(ctx, k)
         if not isinstance(chosen, Selection):
             chosen = Selection(np.asarray(chosen, dtype=np.int64))
@@ -125,6 +145,8 @@ class Sampler:
     name: str = "sampler"
     needs_scores: bool = True
     needs_nonnegative_scores: bool = False
+    #: whether it works for dense tasks (it uses only the scores, not features of the samples)
+    supports_dense: bool = False
 
     def sample(self, ctx: SelectionContext, k: int, scores: np.ndarray | None) -> np.ndarray:
         """int64 [k] distinct positions into ``ctx.candidates``, in pick order."""
@@ -135,6 +157,7 @@ class TopK(Sampler):
     """The ``k`` highest scores, best first; ties go to the earlier candidate; NaN ranks last."""
 
     name = "top-k"
+    supports_dense = True
 
     def sample(self, ctx: SelectionContext, k: int, scores: np.ndarray | None) -> np.ndarray:
         assert scores is not None
@@ -153,6 +176,15 @@ class ScoringStrategy(Strategy):
     def score(self, ctx: SelectionContext) -> np.ndarray | None:
         """float64 [M]: one utility per candidate, in the order of ``ctx.candidates``."""
         raise NotImplementedError
+
+    def unsupported_task(self, task: Task | None) -> str | None:
+        reason = super().unsupported_task(task)
+        if reason is None and task is not None and task.dense and not self.sampler.supports_dense:
+            reason = (
+                f"its sampler {self.sampler.name} needs one feature vector per sample, and this "
+                "task predicts per pixel"
+            )
+        return reason
 
     def select(self, ctx: SelectionContext, k: int) -> Selection:
         scores = self.score(ctx) if self.has_scores else None
@@ -215,6 +247,30 @@ def check_request(ctx: SelectionContext, k: int) -> None:
         raise PoolError(
             f"budget {k} is larger than the {len(ctx.candidates)} candidates; lower the budget "
             "or raise the candidate subset size"
+        )
+
+
+def dense_strategies() -> list[str]:
+    """Names of the registered strategies that run on dense tasks (with their default sampler)."""
+    names = []
+    for name in STRATEGIES.names():
+        try:
+            if create_strategy(name).supports_dense:
+                names.append(name)
+        except Exception:  # a strategy that cannot be built without arguments: not listed
+            continue
+    return names
+
+
+def check_task(strategy: Strategy, task: Task | None) -> None:
+    """:class:`ConfigError` naming the strategy, the task and why, if ``strategy`` cannot run on
+    ``task``."""
+    reason = strategy.unsupported_task(task)
+    if reason is not None:
+        assert task is not None
+        raise ConfigError(
+            f"strategy {strategy.name} cannot run on the {task.name} task: {reason}"
+            + (f"; strategies that can: {', '.join(dense_strategies())}" if task.dense else "")
         )
 
 

@@ -32,7 +32,7 @@ from ..errors import ConfigError
 from ..options import OneOf
 from ..pergrad import per_sample_grad_norms
 from ..pergrad.common import check_norm
-from ..tasks import REDUCTIONS, reduce_elements
+from ..tasks import REDUCTIONS, Task, reduce_elements
 from .base import STRATEGIES, ScoringStrategy, SelectionContext
 
 SCHEMES = ("entropy", "expected")
@@ -150,6 +150,7 @@ class GradnormStrategy(ScoringStrategy):
     """Top-K candidates by :func:`gradnorm_scores`."""
 
     nonnegative_scores = True  # norms, entropies, disagreements
+    supports_dense = True  # per-pixel losses reduced with the task's reduction (entropy only)
 
     def __init__(
         self,
@@ -158,6 +159,18 @@ class GradnormStrategy(ScoringStrategy):
     ) -> None:
         self.scheme = scheme
         self.norm = norm
+        self.supports_dense = scheme == "entropy"
+
+    def unsupported_task(self, task: Task | None) -> str | None:
+        if self.scheme == "expected" and task is not None and task.dense:
+            return (
+                "the expected loss (Eq. 6) takes a cross-entropy for each of the C classes at "
+                "every pixel (C full label maps per image: C times the entropy's memory and "
+                "time, too costly at segmentation sizes, and with p attached it equals the "
+                "entropy anyway); the paper uses entropy-gradnorm (Eq. 7) for segmentation: "
+                "use entropy-gradnorm"
+            )
+        return super().unsupported_task(task)
 
     def score(self, ctx: SelectionContext) -> np.ndarray:
         return gradnorm_scores(

@@ -12,4 +12,5 @@ class RandomStrategy(ScoringStrategy):
     ``uniform`` sampler alone)."""
 
     has_scores = False
+    supports_dense = True
     sampler = UniformSampler()

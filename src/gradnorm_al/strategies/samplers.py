@@ -290,6 +290,7 @@ class UniformSampler(Sampler):
 
     name = "uniform"
     needs_scores = False
+    supports_dense = True
 
     def sample(self, ctx: SelectionContext, k: int, scores: np.ndarray | None) -> np.ndarray:
         return ctx.rng.choice(len(ctx.candidates), size=k, replace=False)
@@ -337,6 +338,7 @@ class StochasticSampler(Sampler):
     """Stochastic batch acquisition: ``k`` draws without replacement, weights from the scores."""
 
     mode = "softmax"
+    supports_dense = True  # weights from the scores alone
 
     def __init__(self, beta: PositiveFloat = 1.0) -> None:
         self.beta = float(beta)

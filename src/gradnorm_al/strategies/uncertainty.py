@@ -55,6 +55,8 @@ def least_confidence_scores(probs: torch.Tensor) -> torch.Tensor:
 class _ProbabilityScoring(ScoringStrategy):
     """Top-K by a formula on the float64 softmax probabilities of the candidates."""
 
+    supports_dense = True  # per-pixel formulas, reduced with the task's reduction
+
     @staticmethod
     def formula(probs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
