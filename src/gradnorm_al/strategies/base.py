@@ -257,7 +257,7 @@ def dense_strategies() -> list[str]:
         try:
             if create_strategy(name).supports_dense:
                 names.append(name)
-        except Exception:  # a strategy that cannot be built without arguments: not listed
+        except (ConfigError, TypeError):  # one that cannot be built without arguments: not listed
             continue
     return names
 
