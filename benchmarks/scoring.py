@@ -2,12 +2,15 @@
 
 Usage::
 
-    python benchmarks/scoring.py --model smallcnn|resnet18-cifar [--device cpu|cuda] [--n N]
-        [--batch-size B] [--repeats R] [--threads T] [--loop-n M] [--pin-heap]
+    python benchmarks/scoring.py --model smallcnn|resnet18-cifar|fcn-small|drn-d-22
+        [--device cpu|cuda] [--n N] [--batch-size B] [--repeats R] [--threads T] [--loop-n M]
+        [--pin-heap] [--no-memory]
 
 Three methods are timed on the same model (random seeded weights, BatchNorm running statistics
 randomised a little, eval mode, float32) and the same random-normal inputs (1x28x28 for
-``smallcnn``, 3x32x32 for ``resnet18-cifar``), with the entropy loss of the GradNorm strategy:
+``smallcnn``, 3x32x32 for ``resnet18-cifar``, 3x64x64 crops for the segmentation models
+``fcn-small`` and ``drn-d-22``), with the entropy loss of the GradNorm strategy (for the dense
+models: per-pixel entropy averaged over each image, ``entropy_loss``'s default reduction):
 
 (a) ``loop``: :func:`gradnorm_al.pergrad.per_sample_grad_norms_loop`, one backward per sample. It
     is slow, so it runs on the first ``M`` samples only (``--loop-n``; default ``min(N, 64)`` on
@@ -16,7 +19,9 @@ randomised a little, eval mode, float32) and the same random-normal inputs (1x28
     (``chunk_size=B``) over all ``N`` samples.
 (c) ``train-step``: the floor. A plain batched forward and ``entropy_loss(out).sum().backward()``
     in eval mode on the same batches, grads zeroed (set to None) between batches: what one
-    training step costs.
+    training step costs. For the dense models the loss is the pixel cross-entropy against fixed
+    random labels (``F.cross_entropy(out, y).backward()``), what a segmentation training step
+    computes.
 
 The methods are interleaved: one warm-up round of a, b, c, then ``R`` rounds (default 6) whose
 order rotates (a, b, c / b, c, a / c, a, b / ...), so that machine noise and whatever one method
@@ -30,6 +35,14 @@ nor serves large blocks with fresh ``mmap`` calls, so that the kernel's page fau
 memory (which vary a lot between processes on a busy machine) do not add noise. It applies to all
 three methods alike; without it the allocator runs with its defaults, as a user's scoring would.
 
+Peak memory (Linux; ``--no-memory`` skips it): each method runs once more in a fresh Python
+process (same seed, model and inputs); after the setup the process's peak resident set size is
+reset (``/proc/self/clear_refs``) and ``VmHWM`` read after the method: ``peak_mib`` is that peak,
+``extra_mib`` the peak minus the resident size before the method (what the method itself adds,
+one-off allocations of a first call such as thread pools included; a fresh process, so no memory
+freed by another method or a warm-up is reused). Where the peak cannot be reset
+``extra_mib`` is measured against the process's peak since start (``ru_maxrss``).
+
 The last line printed is one JSON object with the rates, ``loop_over_engine`` (loop time per
 sample / engine time per sample: how many times faster the engine is) and
 ``engine_over_train_step`` (engine time per sample / train-step time per sample; <= 1.0 means the
@@ -40,6 +53,8 @@ Targets (from the issue):
 * ``engine_over_train_step <= 1.0`` for ``smallcnn`` and ``resnet18-cifar`` on the 2-core CPU;
 * ``loop_over_engine >= 4`` for ``smallcnn`` on the CPU;
 * on a GPU, ``loop_over_engine >= 30`` for ``resnet18-cifar`` at batch size 256.
+
+No target is set for the segmentation models (issue 16): the numbers are reported as measured.
 """
 
 from __future__ import annotations
@@ -47,7 +62,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
+import resource
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -55,6 +73,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gradnorm_al.models import create_model
@@ -64,8 +83,12 @@ from gradnorm_al.strategies import entropy_loss
 INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
     "smallcnn": (1, 28, 28),
     "resnet18-cifar": (3, 32, 32),
+    "fcn-small": (3, 64, 64),
+    "drn-d-22": (3, 64, 64),
 }
 NUM_CLASSES = 10
+#: segmentation models: Cityscapes' 19 classes
+DENSE_NUM_CLASSES = {"fcn-small": 19, "drn-d-22": 19}
 SEED = 0
 MAX_MEDIAN_REL_ERR = 1e-3
 
@@ -112,6 +135,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="samples timed with the loop (default: min(N, 64) CPU, 256 CUDA)",
     )
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip the peak-memory runs (fresh processes)"
+    )
+    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     if args.n is None:
@@ -132,7 +159,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_model(name: str, device: torch.device) -> nn.Module:
     """Seeded random weights, BatchNorm running statistics randomised a little, eval mode."""
-    model = create_model(name, num_classes=NUM_CLASSES, in_channels=INPUT_SHAPES[name][0])
+    num_classes = DENSE_NUM_CLASSES.get(name, NUM_CLASSES)
+    model = create_model(name, num_classes=num_classes, in_channels=INPUT_SHAPES[name][0])
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -167,8 +195,16 @@ def check_agreement(
     return rel.max().item(), rel.median().item(), messages
 
 
-def make_methods(model: nn.Module, x: torch.Tensor, batch_size: int, loop_n: int) -> list[Method]:
+def make_methods(
+    model: nn.Module,
+    x: torch.Tensor,
+    batch_size: int,
+    loop_n: int,
+    labels: torch.Tensor | None = None,
+) -> list[Method]:
+    """``labels`` (dense models): per-pixel classes for the train step's cross-entropy."""
     batches = list(torch.split(x, batch_size))
+    label_batches = None if labels is None else list(torch.split(labels, batch_size))
     loop_x = x[:loop_n]
 
     def loop() -> None:
@@ -179,8 +215,11 @@ def make_methods(model: nn.Module, x: torch.Tensor, batch_size: int, loop_n: int
             per_sample_grad_norms(model, xb, entropy_loss, chunk_size=batch_size)
 
     def train_step() -> None:
-        for xb in batches:
-            entropy_loss(model(xb)).sum().backward()
+        for i, xb in enumerate(batches):
+            if label_batches is None:
+                entropy_loss(model(xb)).sum().backward()
+            else:
+                F.cross_entropy(model(xb), label_batches[i]).backward()
             model.zero_grad(set_to_none=True)
 
     return [
@@ -218,6 +257,58 @@ def pin_heap() -> None:
         raise SystemExit("--pin-heap needs glibc (Linux); run without it")
 
 
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def measure_memory(method: Method, device: torch.device) -> dict[str, float | None]:
+    """Peak resident set size while ``method`` runs once (see the module docstring), in MiB."""
+    before = _status_kib("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+        reset = True
+    except OSError:
+        reset = False
+    timed(method.run, device)
+    peak = _status_kib("VmHWM") if reset else None
+    if peak is None:  # ru_maxrss is KiB on Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    extra = None if before is None else (peak - before) / 1024
+    return {"peak_mib": round(peak / 1024, 1), "extra_mib": extra and round(extra, 1)}
+
+
+def memory_in_fresh_processes(args: argparse.Namespace, names: list[str]) -> dict[str, dict]:
+    """Run each method once in its own Python process (same arguments) and collect its peak."""
+    if not sys.platform.startswith("linux"):
+        return {}
+    argv = [sys.executable, os.path.abspath(__file__), "--model", args.model]
+    argv += ["--device", args.device, "--n", str(args.n), "--batch-size", str(args.batch_size)]
+    argv += ["--loop-n", str(args.loop_n)]
+    if args.threads is not None:
+        argv += ["--threads", str(args.threads)]
+    if args.pin_heap:
+        argv.append("--pin-heap")
+    result = {}
+    for name in names:
+        done = subprocess.run(
+            [*argv, "--memory-of", name], capture_output=True, text=True, check=False
+        )
+        lines = done.stdout.strip().splitlines()
+        if done.returncode != 0 or not lines:
+            print(f"memory run of {name} failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
+            continue
+        result[name] = json.loads(lines[-1])
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.pin_heap:
@@ -228,6 +319,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(SEED)
     model = build_model(args.model, device)
     x = torch.randn(args.n, *INPUT_SHAPES[args.model], device=device, dtype=torch.float32)
+    labels = None
+    if args.model in DENSE_NUM_CLASSES:
+        shape = (args.n, *INPUT_SHAPES[args.model][1:])
+        labels = torch.randint(DENSE_NUM_CLASSES[args.model], shape, device=device)
+    if args.memory_of is not None:
+        methods = make_methods(model, x, args.batch_size, args.loop_n, labels)
+        (method,) = [m for m in methods if m.name == args.memory_of]
+        print(json.dumps(measure_memory(method, device)))
+        return 0
     print(
         f"model={args.model} device={args.device} n={args.n} batch_size={args.batch_size} "
         f"repeats={args.repeats} threads={torch.get_num_threads()} pin_heap={args.pin_heap} "
@@ -249,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
 
-    methods = make_methods(model, x, args.batch_size, args.loop_n)
+    methods = make_methods(model, x, args.batch_size, args.loop_n, labels)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         medians = benchmark(methods, args.repeats, device)
@@ -270,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
         f"loop/engine (time per sample): {loop_over_engine:.2f}x   "
         f"engine/train-step: {engine_over_train_step:.3f}"
     )
+    memory = {} if args.no_memory else memory_in_fresh_processes(args, [m.name for m in methods])
+    for name, mem in memory.items():
+        print(f"peak memory {name:<12} {mem['peak_mib']} MiB (method adds {mem['extra_mib']} MiB)")
     print(
         json.dumps(
             {
@@ -289,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
                 "engine_over_train_step": round(engine_over_train_step, 4),
                 "max_rel_err": max_rel,
                 "median_rel_err": median_rel,
+                "memory_mib": memory,
+                "process_max_rss_mib": round(
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+                ),
             }
         )
     )

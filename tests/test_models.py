@@ -4,25 +4,36 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gradnorm_al import UnknownNameError, create_model
-from gradnorm_al.models import MODELS, TaskModel
+from gradnorm_al.models import MODELS, DenseTaskModel, TaskModel
+from gradnorm_al.models.drn import DilatedBasicBlock
 
 SHAPES = {
     "smallcnn": (1, 8, 8),
     "resnet18-cifar": (3, 32, 32),
     "resnet18": (3, 64, 64),
     "vgg16": (3, 32, 32),
+    # dense models: odd sizes, so that the upsampling back to the input size is tested
+    "fcn-small": (1, 13, 11),
+    "drn-d-22": (3, 27, 21),
 }
+DENSE = {"fcn-small", "drn-d-22"}
 
 
-@pytest.mark.parametrize("name", sorted(SHAPES))
-def test_every_model_offers_embed_and_a_linear_classifier(name):
+def test_the_contract_tests_cover_every_registered_model():
+    assert set(SHAPES) == set(MODELS.names())
+
+
+@pytest.mark.parametrize("name", sorted(set(SHAPES) - DENSE))
+def test_every_classifier_offers_embed_and_a_linear_classifier(name):
     assert name in MODELS.names()
     torch.manual_seed(0)
     model = create_model(name, num_classes=7, in_channels=SHAPES[name][0]).eval()
     assert isinstance(model, TaskModel) and isinstance(model.classifier, nn.Linear)
+    assert model.dense is False
     x = torch.randn(2, *SHAPES[name])
     with torch.no_grad():
         feats = model.embed(x)
@@ -31,6 +42,63 @@ def test_every_model_offers_embed_and_a_linear_classifier(name):
     assert torch.allclose(model.classifier(feats), logits)
     # intermediate features for learning loss and the like
     assert len(getattr(model, "stages", getattr(model, "blocks", []))) >= 3
+
+
+@pytest.mark.parametrize("name", sorted(DENSE))
+def test_every_dense_model_offers_features_embed_and_a_1x1_classifier(name):
+    torch.manual_seed(0)
+    c, h, w = SHAPES[name]
+    model = create_model(name, num_classes=7, in_channels=c).eval()
+    assert isinstance(model, DenseTaskModel) and not isinstance(model, TaskModel)
+    assert model.dense is True
+    head = model.classifier
+    assert isinstance(head, nn.Conv2d) and head.kernel_size == (1, 1)
+    assert (head.in_channels, head.out_channels) == (model.feature_dim, 7)
+    x = torch.randn(2, c, h, w)
+    with torch.no_grad():
+        fmap = model.features(x)
+        feats = model.embed(x)
+        logits = model(x)
+    assert fmap.dim() == 4 and fmap.shape[:2] == (2, model.feature_dim)
+    assert feats.shape == (2, model.feature_dim) and logits.shape == (2, 7, h, w)
+    assert torch.allclose(feats, fmap.mean(dim=(2, 3)))
+    upsampled = F.interpolate(head(fmap), size=(h, w), mode="bilinear", align_corners=False)
+    assert torch.allclose(upsampled, logits)
+    # samples do not interact in eval mode (per-sample gradients are defined)
+    with torch.no_grad():
+        assert torch.allclose(model(x[1:]), logits[1:], atol=1e-6)
+    assert len(getattr(model, "stages", getattr(model, "blocks", []))) >= 3
+
+
+def test_drn_d_22_has_the_published_size_and_the_d_design():
+    # Published: 16.4M parameters for DRN-D-22 (README of github.com/fyu/drn, ImageNet table
+    # "DRN-D-22 | 25.8% | 8.2% | 16.4M"), the backbone with its 1000-class 1x1-conv classifier.
+    model = create_model("drn-d-22", num_classes=1000, in_channels=3)
+    total = sum(p.numel() for p in model.parameters())
+    head = sum(p.numel() for p in model.classifier.parameters())
+    assert head == 512 * 1000 + 1000
+    assert round(total / 1e6, 1) == 16.4
+    assert total - head == 15_880_752  # the backbone (levels 1-8) alone
+    # Cityscapes' 19 classes: the backbone plus a 512 x 19 1x1 convolution with bias
+    seg = create_model("drn-d-22", num_classes=19, in_channels=3)
+    assert sum(p.numel() for p in seg.parameters()) == 15_880_752 + 512 * 19 + 19
+
+    levels = list(model.stages)
+    assert len(levels) == 8
+    # degridding: levels 1-2 and 7-8 are plain convolutions, 3-6 residual blocks [2, 2, 2, 2]
+    blocks = [[m for m in lv if isinstance(m, DilatedBasicBlock)] for lv in levels]
+    assert [len(b) for b in blocks] == [0, 0, 2, 2, 2, 2, 0, 0]
+    convs = [[m for m in lv.modules() if isinstance(m, nn.Conv2d)] for lv in levels]
+    assert [len(cs) for cs in convs[:2] + convs[6:]] == [2, 1, 1, 1]
+    assert convs[0][0].kernel_size == (7, 7)
+    dilations = [{cv.dilation[0] for cv in cs if cv.kernel_size == (3, 3)} for cs in convs]
+    assert dilations == [{1}, {1}, {1}, {1}, {2}, {4}, {2}, {1}]
+    assert all(cv.bias is None for cs in convs for cv in cs)
+    widths = [cs[-1].out_channels for cs in convs]
+    assert widths == [16, 32, 64, 128, 256, 512, 512, 512]
+    # output stride 8
+    with torch.no_grad():
+        assert model.eval().features(torch.randn(1, 3, 64, 48)).shape == (1, 512, 8, 6)
 
 
 def test_resnet18_and_vgg16_compute_torchvision_s_networks():

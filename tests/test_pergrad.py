@@ -222,6 +222,28 @@ def test_package_models(name, shape):
     _assert_exact(model, x, chunk_size=2)
 
 
+def dense_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> [N]: per-pixel entropy (from log_softmax), averaged over each image."""
+    log_p = F.log_softmax(logits, dim=1)
+    return -(log_p.exp() * log_p).sum(dim=1).mean(dim=(1, 2))
+
+
+@pytest.mark.parametrize(
+    "name, shape, n",
+    [("fcn-small", (1, 12, 10), 4), ("drn-d-22", (3, 32, 32), 3)],
+)
+def test_segmentation_models_with_the_dense_entropy_loss(name, shape, n):
+    # dilated convolutions, strided ones, 1x1 shortcuts, eval-mode BatchNorm and a bilinear
+    # upsampling: the batched engine against one backward per image, on the batched path (no
+    # fallback warning), chunks of 2 and the whole batch
+    torch.manual_seed(0)
+    model = randomise_bn(create_model(name, num_classes=5, in_channels=shape[0])).double()
+    x = torch.randn(n, *shape, dtype=torch.float64)
+    torch.testing.assert_close(dense_entropy(model(x)), entropy_loss(model(x)))
+    _assert_exact(model, x, loss_fn=dense_entropy, chunk_size=2)
+    _assert_exact(model, x, loss_fn=dense_entropy, norms=["l2"])
+
+
 def test_unused_head_tuple_output_and_frozen_parameters():
     torch.manual_seed(0)
     model = randomise_bn(TwoHeads()).double()

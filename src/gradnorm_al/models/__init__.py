@@ -1,6 +1,6 @@
 """Task models behind one registry: ``create_model(name, num_classes=..., in_channels=...)``."""
 
-from . import imagenet_models, resnet_cifar, smallcnn  # noqa: F401  (register the models)
-from .base import MODELS, TaskModel, create_model
+from . import drn, fcn, imagenet_models, resnet_cifar, smallcnn  # noqa: F401  (register the models)
+from .base import MODELS, DenseTaskModel, TaskModel, create_model
 
-__all__ = ["MODELS", "TaskModel", "create_model"]
+__all__ = ["MODELS", "DenseTaskModel", "TaskModel", "create_model"]
