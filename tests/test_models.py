@@ -9,7 +9,7 @@ from torch import nn
 
 from gradnorm_al import UnknownNameError, create_model
 from gradnorm_al.models import MODELS, DenseTaskModel, TaskModel
-from gradnorm_al.models.drn import DilatedBasicBlock
+from gradnorm_al.models.resnet_cifar import BasicBlock
 
 SHAPES = {
     "smallcnn": (1, 8, 8),
@@ -86,7 +86,7 @@ def test_drn_d_22_has_the_published_size_and_the_d_design():
     levels = list(model.stages)
     assert len(levels) == 8
     # degridding: levels 1-2 and 7-8 are plain convolutions, 3-6 residual blocks [2, 2, 2, 2]
-    blocks = [[m for m in lv if isinstance(m, DilatedBasicBlock)] for lv in levels]
+    blocks = [[m for m in lv if isinstance(m, BasicBlock)] for lv in levels]
     assert [len(b) for b in blocks] == [0, 0, 2, 2, 2, 2, 0, 0]
     convs = [[m for m in lv.modules() if isinstance(m, nn.Conv2d)] for lv in levels]
     assert [len(cs) for cs in convs[:2] + convs[6:]] == [2, 1, 1, 1]

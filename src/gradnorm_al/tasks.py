@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.base import check_labels
+from .data.base import check_labels, mask_value_problem
 from .errors import ConfigError, DataError
 
 REDUCTIONS = ("mean", "sum", "max")
@@ -283,13 +283,10 @@ class SegmentationTask(Task):
                 )
             masks.append(arr.astype(np.int64))
         stacked = np.stack(masks)
-        bad = (stacked != self.ignore_index) & ((stacked < 0) | (stacked >= self.num_classes))
-        if bad.any():
-            values = np.unique(stacked[bad])
+        problem = mask_value_problem(stacked, self.num_classes, self.ignore_index)
+        if problem is not None:
             raise DataError(
-                f"mask value {int(values[0])} is neither a class in [0, {self.num_classes}) nor "
-                f"the ignore index {self.ignore_index} ({int(bad.sum())} such pixels, values "
-                f"{', '.join(str(int(v)) for v in values[:5])}); fix the masks, raise "
-                "num_classes, or map unlabelled pixels to the ignore index"
+                f"mask {problem}; fix the masks, raise num_classes, or map unlabelled pixels to "
+                "the ignore index"
             )
         return torch.from_numpy(stacked)

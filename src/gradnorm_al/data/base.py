@@ -82,6 +82,20 @@ def check_labels(targets: np.ndarray, num_classes: int, what: str) -> None:
         )
 
 
+def mask_value_problem(mask: np.ndarray, num_classes: int, ignore_index: int) -> str | None:
+    """What is wrong with the values of a class-index mask (None: every value is a class in
+    [0, num_classes) or the ignore index)."""
+    bad = (mask != ignore_index) & ((mask < 0) | (mask >= num_classes))
+    if not bad.any():
+        return None
+    values = np.unique(mask[bad])
+    return (
+        f"value {int(values[0])} is neither a class in [0, {num_classes}) nor the ignore index "
+        f"{ignore_index} ({int(bad.sum())} such pixels; values "
+        f"{', '.join(str(int(v)) for v in values[:5])})"
+    )
+
+
 def tensor_dataset(images: np.ndarray | torch.Tensor, targets: np.ndarray) -> TensorDataset:
     """A :class:`TensorDataset` of float32 images [N, C, H, W] and int64 labels."""
     x = torch.as_tensor(images, dtype=torch.float32)

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
+from .base import mask_value_problem
 from .folders import load_rgb
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -81,14 +82,9 @@ def read_mask(path: str | Path, num_classes: int, ignore_index: int = 255) -> np
             mask = np.asarray(im).astype(np.int64)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot read mask {path} ({type(err).__name__}: {err})") from err
-    bad = (mask != ignore_index) & ((mask < 0) | (mask >= num_classes))
-    if bad.any():
-        values = np.unique(mask[bad])
-        raise DataError(
-            f"mask {path}: value {int(values[0])} is neither a class in [0, {num_classes}) nor "
-            f"the ignore index {ignore_index} ({int(bad.sum())} pixels; values "
-            f"{', '.join(str(int(v)) for v in values[:5])}); fix the mask or num_classes"
-        )
+    problem = mask_value_problem(mask, num_classes, ignore_index)
+    if problem is not None:
+        raise DataError(f"mask {path}: {problem}; fix the mask or num_classes")
     return mask
 
 

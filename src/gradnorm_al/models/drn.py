@@ -27,10 +27,10 @@ a 1x1 convolution (with bias) to the classes and bilinear upsampling back to the
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import MODELS, DenseTaskModel
+from .resnet_cifar import BasicBlock
 
 #: level widths of DRN-D-22
 DRN_D_CHANNELS = (16, 32, 64, 128, 256, 512, 512, 512)
@@ -44,29 +44,6 @@ def _conv_bn_relu(c_in: int, c_out: int, *, stride: int = 1, dilation: int = 1) 
         nn.BatchNorm2d(c_out),
         nn.ReLU(inplace=True),
     ]
-
-
-class DilatedBasicBlock(nn.Module):
-    """Two dilated conv3x3-BN layers with a residual connection (1x1 conv-BN shortcut when the
-    width or the stride changes), ReLU after the first layer and after the sum."""
-
-    def __init__(self, c_in: int, c_out: int, *, stride: int = 1, dilation: int = 1) -> None:
-        super().__init__()
-        d = dilation
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=d, dilation=d, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=d, dilation=d, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
 
 
 class DRNSeg(DenseTaskModel):
@@ -98,7 +75,7 @@ class DRNSeg(DenseTaskModel):
 
         def blocks(c_in: int, c_out: int, n: int, stride: int = 1, dilation: int = 1) -> list:
             return [
-                DilatedBasicBlock(
+                BasicBlock(
                     c_in if i == 0 else c_out,
                     c_out,
                     stride=stride if i == 0 else 1,

@@ -10,13 +10,17 @@ from .base import MODELS, TaskModel
 
 
 class BasicBlock(nn.Module):
+    """Two (dilated) conv3x3-BN layers with a residual connection (1x1 conv-BN shortcut when the
+    width or the stride changes), ReLU after the first layer and after the sum."""
+
     expansion = 1
 
-    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, *, dilation: int = 1) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        d = dilation
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=d, dilation=d, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=d, dilation=d, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut: nn.Module = nn.Sequential()
         if stride != 1 or c_in != c_out:
