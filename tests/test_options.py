@@ -45,6 +45,7 @@ RUN_FLAGS = {
     "--budget-fraction",
     "--subset-size",
     "--pool-size",
+    "--reduction",
     "--epochs",
     "--lr",
     "--momentum",
@@ -104,7 +105,12 @@ gamma: 0.1
 batch_size: 128
 num_workers: 0
 """
-YAML_KEYS = list(yaml.safe_load(OLD_RUN_CONFIG))  # the keys before the change, in their order
+OLD_KEYS = list(yaml.safe_load(OLD_RUN_CONFIG))  # the keys before the change, in their order
+# options added since, after the option they follow, with the value older files mean
+ADDED = {"reduction": ("norm", "mean")}
+YAML_KEYS = list(OLD_KEYS)
+for _key, (_after, _) in ADDED.items():
+    YAML_KEYS.insert(YAML_KEYS.index(_after) + 1, _key)
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -283,7 +289,7 @@ def test_keys_with_dashes_the_flag_name_and_one_strategy(tmp_path: Path) -> None
 
 
 def test_yaml_keys_and_their_order_are_todays() -> None:
-    assert len(YAML_KEYS) == 26
+    assert len(YAML_KEYS) == 27
     assert list(ExperimentConfig().to_dict()) == YAML_KEYS
     assert list(yaml.safe_load(ExperimentConfig().to_yaml())) == YAML_KEYS
 
@@ -293,7 +299,9 @@ def test_a_run_folders_config_yaml_from_before_loads_unchanged(tmp_path: Path) -
     assert config.strategies == ["random", "qbc"]
     assert config.strategy_params == {"qbc": {"members": 3}}
     assert (config.subset_size, config.milestones, config.weight_decay) == (50, [3], 5e-4)
-    assert config.to_yaml() == OLD_RUN_CONFIG  # written back the same
+    # written back the same, with the options added since at the value they had before
+    added = "".join(f"{key}: {value}\n" for key, (_, value) in ADDED.items())
+    assert config.to_yaml() == OLD_RUN_CONFIG.replace("pool_size:", added + "pool_size:")
 
 
 @pytest.mark.parametrize("name", preset_names())

@@ -57,6 +57,9 @@ class ActiveLearner:
     oracle : answers :meth:`update` calls made without labels (None: labels must be given).
     train : the training recipe (default :class:`~gradnorm_al.train.TrainConfig`).
     train_pool : the same items as ``pool`` with training augmentation (default ``pool``).
+    augment : a joint augmentation of every training batch, ``(inputs, labels, generator) ->
+        (inputs, labels)``, for labels that move with the pixels (segmentation masks: see
+        :class:`~gradnorm_al.data.augment.RandomCropFlip`); seeded like the batch order.
     device, seed : where the model runs; the seed every random choice derives from.
     batch_size : forward/backward batch size over candidates when querying.
     reinit : a fresh model at every :meth:`fit` (default: keep it, the published warm start).
@@ -79,6 +82,7 @@ class ActiveLearner:
         oracle: Oracle | None = None,
         train: TrainConfig | None = None,
         train_pool: Dataset | None = None,
+        augment: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
         device: str | torch.device = "cpu",
         seed: int = 0,
         batch_size: int = 128,
@@ -99,6 +103,11 @@ class ActiveLearner:
         check_task(self.strategy, task)
         self.pool, self.task, self.oracle = pool, task, oracle
         self.train_pool = pool if train_pool is None else train_pool
+        if augment is not None and not callable(augment):
+            raise ConfigError(
+                "augment must be a function (inputs, labels, generator) -> (inputs, labels)"
+            )
+        self.augment = augment
         self.train_config = train if train is not None else TrainConfig()
         self.device = torch.device(device)
         self.seed, self.batch_size, self.reinit = seed, batch_size, reinit
@@ -205,6 +214,7 @@ class ActiveLearner:
                 auxiliary=self.auxiliary,
                 task=self.task,
                 targets=self.labels(labeled),
+                augment=self.augment,
             )
         return self
 
@@ -232,6 +242,7 @@ class ActiveLearner:
             seed=member_seed,
             task=self.task,
             targets=self.labels(idx),
+            augment=self.augment,
         )
         return member
 

@@ -32,7 +32,8 @@ class DatasetOracle:
     ----------
     source : an array-like of targets, one per pool index, or a Dataset whose items are
         ``(input, target, ...)``. A :class:`TensorDataset` (behind any Subsets) is read by
-        indexing its target tensor, without loading inputs.
+        indexing its target tensor, and a dataset with a ``target(index)`` method (behind any
+        Subsets; e.g. a folder of masks) through it, without loading inputs.
     """
 
     def __init__(self, source: Dataset | np.ndarray | torch.Tensor | Sequence[Any]) -> None:
@@ -57,6 +58,11 @@ class DatasetOracle:
             return self._targets[idx]
         assert self._dataset is not None
         out = []
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self._dataset)):
+            raise DataError(f"label request out of range for a pool of {len(self._dataset)}")
+        reader = _target_reader(self._dataset)
+        if reader is not None:
+            return [reader(i) for i in idx.tolist()]
         for i in idx.tolist():
             item = self._dataset[i]
             if not isinstance(item, (tuple, list)) or len(item) < 2:
@@ -79,6 +85,25 @@ def _target_tensor(dataset: Dataset) -> torch.Tensor | None:
         targets = dataset.tensors[1]
         return targets if idx is None else targets[idx]
     return None
+
+
+def _target_reader(dataset: Dataset) -> Callable[[int], Any] | None:
+    """``index -> target`` through the ``target(index)`` method of the dataset behind any
+    Subsets (None when it has none)."""
+    maps: list[list[int]] = []
+    while isinstance(dataset, Subset):
+        maps.append(list(dataset.indices))
+        dataset = dataset.dataset
+    read = getattr(dataset, "target", None)
+    if not callable(read):
+        return None
+
+    def target(index: int) -> Any:
+        for indices in maps:
+            index = int(indices[index])
+        return read(index)
+
+    return target
 
 
 class CallbackOracle:

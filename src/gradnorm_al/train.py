@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -81,6 +82,7 @@ def fit(
     auxiliary: Auxiliary | None = None,
     task: Task | None = None,
     targets: torch.Tensor | None = None,
+    augment: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> None:
     """Train ``model`` on ``dataset[indices]`` for ``cfg.epochs`` epochs; a fresh optimizer and
     schedule each call (the published warm start re-creates them every cycle).
@@ -91,7 +93,9 @@ def fit(
     ``seed`` fixes batch order and any randomness in the model (dropout, augmentation in the
     default process). A batch of a single sample is skipped: BatchNorm cannot train on it.
     ``auxiliary``: a module trained jointly, its loss added to the task loss (see
-    :class:`Auxiliary`).
+    :class:`Auxiliary`). ``augment(inputs, labels, generator) -> (inputs, labels)`` transforms
+    every training batch before it reaches the device, with the seeded batch-order generator
+    (a joint augmentation of images and masks, :class:`~gradnorm_al.data.augment.RandomCropFlip`).
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -120,6 +124,8 @@ def fit(
         ):
             if len(x) < 2:
                 continue
+            if augment is not None:
+                x, y = augment(x, y, generator)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = first_output(model(x))
             if auxiliary is None:

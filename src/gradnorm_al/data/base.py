@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,6 +14,9 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from ..errors import DataError
 from ..registry import Registry
+
+#: the kinds of supervision a dataset can have (the task a run builds for it)
+TASKS = ("classification", "segmentation")
 
 
 @dataclass
@@ -22,30 +26,57 @@ class DatasetBundle:
     ``train`` and ``train_eval`` hold the same samples in the same order (pool index i is
     sample i of both); ``train`` applies training augmentation (if any), ``train_eval`` does not
     and is what scoring and training accuracy see. Items are ``(image [C, H, W] float32, label)``.
+
+    ``task`` is the kind of supervision: ``"classification"`` (a label is a class index;
+    ``train_targets``/``test_targets`` hold them all) or ``"segmentation"`` (a label is a mask
+    int64 [H, W] of class indices or ``ignore_index``; the targets may be None, the masks then
+    being read from the items, one at a time). ``augment`` is a joint augmentation of a training
+    batch ``(inputs, labels, generator) -> (inputs, labels)`` for labels that move with the
+    pixels (random crops and flips of images and masks together,
+    :class:`~gradnorm_al.data.augment.RandomCropFlip`); dense datasets use it instead of
+    augmenting ``train``'s items, whose masks are not the labels the learner trains on.
     """
 
     name: str
     train: Dataset
     train_eval: Dataset
     test: Dataset
-    train_targets: np.ndarray  # int64 [N_pool]
-    test_targets: np.ndarray  # int64 [N_test]
+    train_targets: np.ndarray | None  # int64 [N_pool] (segmentation: masks [N, H, W] or None)
+    test_targets: np.ndarray | None  # int64 [N_test] (segmentation: as train_targets)
     num_classes: int
     in_channels: int
     image_size: tuple[int, int]
     default_model: str
+    task: str = "classification"
+    ignore_index: int = 255  # segmentation: the mask value of unlabelled pixels
+    augment: Callable[..., Any] | None = None
+    class_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if len(self.train) != len(self.train_targets) or len(self.train_eval) != len(self.train):
-            raise DataError(f"{self.name}: training views and targets differ in length")
-        if len(self.test) != len(self.test_targets):
-            raise DataError(f"{self.name}: test set and its targets differ in length")
-        check_labels(self.train_targets, self.num_classes, f"{self.name} training labels")
-        check_labels(self.test_targets, self.num_classes, f"{self.name} test labels")
+        if self.task not in TASKS:
+            raise DataError(f"{self.name}: unknown task {self.task!r}; use one of {TASKS}")
+        if len(self.train_eval) != len(self.train):
+            raise DataError(f"{self.name}: the two training views differ in length")
+        if self.task == "classification":
+            if self.train_targets is None or self.test_targets is None:
+                raise DataError(f"{self.name}: a classification dataset needs its targets")
+            check_labels(self.train_targets, self.num_classes, f"{self.name} training labels")
+            check_labels(self.test_targets, self.num_classes, f"{self.name} test labels")
+        for what, data, targets in (
+            ("training", self.train, self.train_targets),
+            ("test", self.test, self.test_targets),
+        ):
+            if targets is not None and len(targets) != len(data):
+                raise DataError(f"{self.name}: the {what} set and its targets differ in length")
+
+    @property
+    def dense(self) -> bool:
+        """Whether labels are per pixel (segmentation)."""
+        return self.task != "classification"
 
     @property
     def pool_size(self) -> int:
-        return len(self.train_targets)
+        return len(self.train_eval)
 
     def with_pool_subset(self, size: int, rng: np.random.Generator) -> DatasetBundle:
         """The same data with a random pool of ``size`` training samples (test set unchanged);
@@ -63,7 +94,7 @@ class DatasetBundle:
             name=f"{self.name}[pool {size}]",
             train=Subset(self.train, idx.tolist()),
             train_eval=Subset(self.train_eval, idx.tolist()),
-            train_targets=self.train_targets[idx],
+            train_targets=None if self.train_targets is None else self.train_targets[idx],
         )
 
 

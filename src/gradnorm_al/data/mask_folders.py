@@ -143,6 +143,8 @@ class MaskFolder(Dataset):
         path = self.mask_paths[index]
         return torch.from_numpy(read_mask(path, self.num_classes, self.ignore_index))
 
+    target = mask  # what a DatasetOracle reads: the label without decoding the image
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rgb = np.asarray(load_rgb(str(self.image_paths[index])), dtype=np.float32) / 255.0
         image = torch.from_numpy(rgb.transpose(2, 0, 1).copy())

@@ -13,6 +13,7 @@ from ..errors import ConfigError, ConfigFileError, read_text
 from ..loop import LoopConfig
 from ..options import from_mapping, option, to_mapping, validate
 from ..strategies.gradnorm import SCALAR_NORMS
+from ..tasks import REDUCTIONS
 from ..train import TrainConfig
 
 T = TypeVar("T")
@@ -44,6 +45,12 @@ class _Setup:
         "aggregation of the gradnorm strategies: tensor-sum (published code) or l2 (Eq. 5); egl "
         "keeps its own (l2; set it in strategy_params)",
         choices=SCALAR_NORMS,
+    )
+    reduction: str = option(
+        "mean",
+        "segmentation: how per-pixel scores (entropy, entropy-gradnorm's loss) become one per "
+        "image: mean, sum or max over the pixels",
+        choices=REDUCTIONS,
     )
     pool_size: int | None = option(
         None, "use a fixed seeded random pool of this many training samples", ge=1, none="all"

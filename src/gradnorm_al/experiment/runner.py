@@ -19,14 +19,14 @@ from ..data import DatasetBundle, load_dataset
 from ..errors import ConfigError, GradnormALError, RunDirectoryError, WriteError
 from ..learner import ActiveLearner
 from ..loop import LoopConfig, run_trial
-from ..models import MODELS, create_model
+from ..models import MODELS, SEGMENTATION_MODELS, create_model
 from ..oracles import DatasetOracle
 from ..reports.summary import write_summary
 from ..seeding import POOL_SUBSET, rng
-from ..strategies import Strategy, create_strategy
+from ..strategies import Strategy, check_task, create_strategy
 from ..strategies.base import split_spec
 from ..strategies.gradnorm import GRADNORM_SCORERS
-from ..tasks import ClassificationTask
+from ..tasks import ClassificationTask, SegmentationTask, Task
 from ..train import TrainConfig
 from .checkpoint import (
     MODELS_DIR,
@@ -60,6 +60,9 @@ RUN_FOLDERS = {
 }
 #: options a resumed run may change: where the data is and what computes; not the protocol
 RESUMABLE_OPTIONS = ("device", "data_root", "download")
+#: options added after runs were first recorded, with the value they had before: recorded in a
+#: run's protocol only when set otherwise, so that older runs still resume
+LATER_OPTIONS = {"reduction": "mean"}
 
 
 @dataclass
@@ -162,6 +165,30 @@ def strategy_kwargs(config: ExperimentConfig, name: str) -> dict:
     return params
 
 
+def bundle_task(bundle: DatasetBundle, reduction: str = "mean") -> Task:
+    """The task of a packaged dataset: classification, or segmentation with its ignore index;
+    ``reduction``: how per-pixel scores become one per image."""
+    if bundle.task == "segmentation":
+        return SegmentationTask(bundle.num_classes, bundle.ignore_index, reduction)
+    return ClassificationTask(bundle.num_classes, reduction)
+
+
+def check_model_task(model_name: str, model: nn.Module, bundle: DatasetBundle) -> None:
+    """Refuse a classification model on per-pixel labels and a per-pixel model on class labels."""
+    dense = bool(getattr(model, "dense", False))
+    if dense != bundle.dense:
+        kind = "per-pixel (segmentation)" if dense else "classification"
+        fix = (
+            f"use a segmentation model ({', '.join(SEGMENTATION_MODELS)})"
+            if bundle.dense
+            else "use a classification model (see `gradnorm-al list`)"
+        )
+        raise ConfigError(
+            f"model {model_name} is a {kind} model but dataset {bundle.name} is "
+            f"{bundle.task}; {fix}"
+        )
+
+
 def bundle_learner(
     bundle: DatasetBundle,
     model_factory: Callable[[], nn.Module],
@@ -173,17 +200,22 @@ def bundle_learner(
     seed: int,
     name: str | None = None,
     progress: bool = False,
+    reduction: str = "mean",
 ) -> ActiveLearner:
-    """The learner of one benchmark trial on a packaged dataset: classification, the dataset's
-    own labels as the oracle, augmentation on the training view only."""
+    """The learner of one benchmark trial on a packaged dataset: its task, the dataset's own
+    labels as the oracle, augmentation on the training view (dense data: the dataset's joint
+    augmentation of images and masks)."""
     return ActiveLearner(
         model_factory,
         bundle.train_eval,
-        ClassificationTask(bundle.num_classes),
+        bundle_task(bundle, reduction),
         strategy,
-        oracle=DatasetOracle(bundle.train_targets),
+        oracle=DatasetOracle(
+            bundle.train_targets if bundle.train_targets is not None else bundle.train_eval
+        ),
         train=train,
         train_pool=bundle.train,
+        augment=bundle.augment,
         device=device,
         seed=seed,
         batch_size=schedule.score_batch_size,
@@ -253,6 +285,10 @@ def run_experiment(
     model_factory = partial(
         create_model, model_name, num_classes=bundle.num_classes, in_channels=bundle.in_channels
     )
+    check_model_task(model_name, model_factory(), bundle)
+    task = bundle_task(bundle, config.reduction)
+    for strategy in strategies.values():
+        check_task(strategy, task)
     plan = _Plan(config, bundle, loop, train, strategies, model_name, model_factory, device)
     with run_lock(out):
         return _run_locked(plan, out, started, overwrite, resume, progress, log)
@@ -291,7 +327,11 @@ def _check_no_stray_states(out: Path, config: ExperimentConfig) -> None:
 def protocol(config: ExperimentConfig) -> dict[str, Any]:
     """The resolved options that define a run's results (all but :data:`RESUMABLE_OPTIONS`),
     recorded in every state and compared on ``--resume``."""
-    return {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_OPTIONS}
+    return {
+        k: v
+        for k, v in config.to_dict().items()
+        if k not in RESUMABLE_OPTIONS and not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])
+    }
 
 
 def _run_locked(
@@ -366,6 +406,7 @@ def _run_locked(
                 seed=seed,
                 name=f"{name} t{trial}",
                 progress=progress,
+                reduction=config.reduction,
             )
             records = run_trial(
                 learner,
@@ -377,7 +418,11 @@ def _run_locked(
                 on_trained=keep if config.keep_models else None,
                 resume=state,
             )
-            accs = " ".join(f"{100 * r.test_accuracy:.1f}" for r in records)
-            log(f"trial {trial} {name}: test accuracy {accs} ({time.perf_counter() - t0:.1f}s)")
+            metric = next(iter(records[-1].metrics)) if records else "test_accuracy"
+            values = " ".join(f"{100 * r.metrics[metric]:.1f}" for r in records)
+            log(
+                f"trial {trial} {name}: {metric.replace('_', ' ')} {values} "
+                f"({time.perf_counter() - t0:.1f}s)"
+            )
     table = write_summary(store.rows, config.to_dict(), out)
     return ExperimentResult(out, store.rows, table, time.perf_counter() - started)

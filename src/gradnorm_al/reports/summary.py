@@ -13,15 +13,38 @@ from ..atomic import atomic_open, atomic_write_text
 from .stats import ALPHA, compare_pair, min_sign_flip_pvalue
 
 RANDOM = "random"  # the baseline every strategy is compared with
+#: how a headline metric column is named in tables and plots (others: the column's own name)
+METRIC_LABELS = {
+    "test_accuracy": "test accuracy",
+    "test_miou": "test mIoU",
+    "test_pixel_accuracy": "test pixel accuracy",
+}
+_FIXED = ("strategy", "trial", "cycle", "num_labeled", "labeled_fraction")
+
+
+def headline_metric(rows: list[dict[str, Any]]) -> str:
+    """The column the learning curves are drawn from: the first ``test_*`` column of the rows
+    (the task's first metric: test_accuracy for classification, test_miou for segmentation)."""
+    for row in rows[:1]:
+        for key in row:
+            if key not in _FIXED and key.startswith("test_"):
+                return key
+    return "test_accuracy"
+
+
+def metric_label(metric: str) -> str:
+    """``test_miou`` -> ``test mIoU``: the headline metric as tables and plots name it."""
+    return METRIC_LABELS.get(metric, metric.replace("_", " "))
 
 
 @dataclass
 class StrategySummary:
     """Mean and spread over trials of one strategy's learning curve.
 
-    ``auc`` per trial is the area under test accuracy vs labelled fraction (trapezoids), divided by
-    the fraction range: the curve's average accuracy, in [0, 1]. Spreads are sample standard
-    deviations over trials (0 with one trial).
+    ``accuracy`` holds the headline metric ``metric`` (test accuracy; segmentation: test mIoU).
+    ``auc`` per trial is the area under that metric vs labelled fraction (trapezoids), divided by
+    the fraction range: the curve's average, in [0, 1]. Spreads are sample standard deviations
+    over trials (0 with one trial).
     """
 
     strategy: str
@@ -29,6 +52,7 @@ class StrategySummary:
     accuracy: np.ndarray  # [trials, cycles] test accuracy
     auc: np.ndarray  # [trials]
     trial_ids: np.ndarray | None = None  # [trials] the trial number of each row (seed + trial)
+    metric: str = "test_accuracy"  # the results column of ``accuracy``
 
     @property
     def trials(self) -> int:
@@ -42,11 +66,13 @@ def area_under_curve(fractions: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
     return np.trapezoid(accuracy, fractions, axis=1) / (fractions[-1] - fractions[0])
 
 
-def summarise(rows: list[dict[str, Any]]) -> list[StrategySummary]:
-    """Per-strategy summaries from results rows, strategies in order of first appearance.
+def summarise(rows: list[dict[str, Any]], metric: str | None = None) -> list[StrategySummary]:
+    """Per-strategy summaries of ``metric`` (default: :func:`headline_metric`) from results
+    rows, strategies in order of first appearance.
 
     Only trials that finished every cycle up to the last one seen for the strategy are used.
     """
+    metric = metric or headline_metric(rows)
     by_strategy: dict[str, dict[int, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
     for row in rows:
         by_strategy[row["strategy"]][row["trial"]][row["cycle"]] = row
@@ -56,11 +82,16 @@ def summarise(rows: list[dict[str, Any]]) -> list[StrategySummary]:
         complete = [t for t in sorted(trials) if all(c in trials[t] for c in range(cycles))]
         if not complete:
             continue
-        acc = np.array([[trials[t][c]["test_accuracy"] for c in range(cycles)] for t in complete])
+        acc = np.array([[trials[t][c][metric] for c in range(cycles)] for t in complete])
         fractions = np.array([trials[complete[0]][c]["labeled_fraction"] for c in range(cycles)])
         summaries.append(
             StrategySummary(
-                strategy, fractions, acc, area_under_curve(fractions, acc), np.array(complete)
+                strategy,
+                fractions,
+                acc,
+                area_under_curve(fractions, acc),
+                np.array(complete),
+                metric,
             )
         )
     return summaries
@@ -83,7 +114,8 @@ def pct_mean_std(values: np.ndarray, digits: int = 1) -> str:
 
 
 def format_table(summaries: list[StrategySummary]) -> str:
-    """A markdown table: test accuracy (%) mean ± std per labelled fraction, then the AUC."""
+    """A markdown table: the headline metric (%) mean ± std per labelled fraction, then the
+    AUC."""
     if not summaries:
         return "(no finished trials)\n"
     fractions = summaries[0].fractions
@@ -135,15 +167,18 @@ def paired_statistics(summaries: list[StrategySummary]) -> str:
 
 def summary_markdown(summaries: list[StrategySummary], config: dict[str, Any]) -> str:
     trials = sorted({s.trials for s in summaries})
+    label = metric_label(summaries[0].metric if summaries else "test_accuracy")
     model = config.get("model") or "(dataset default)"
     return (
         f"# gradnorm-al results: {config.get('dataset')}\n\n"
         f"Model {model}; {config.get('epochs')} epochs per cycle; "
         f"{', '.join(map(str, trials))} trial(s); seeds from {config.get('seed')}.\n\n"
-        "Test accuracy (%) by labelled fraction of the pool, mean ± sample std over trials "
-        "(the mean alone for one trial). "
+        f"{label[0].upper() + label[1:]} (%) by labelled fraction of the pool, mean ± sample "
+        "std over trials (the mean alone for one trial). "
         "AUC: area under the learning curve divided by the fraction range (the curve's mean "
-        "accuracy, %).\n\n" + format_table(summaries) + _section(paired_statistics(summaries))
+        f"{label.removeprefix('test ')}, %).\n\n"
+        + format_table(summaries)
+        + _section(paired_statistics(summaries))
     )
 
 
@@ -152,7 +187,8 @@ def _section(text: str) -> str:
 
 
 def plot_curves(summaries: list[StrategySummary], path: Path, title: str = "") -> None:
-    """Test accuracy vs labelled fraction, mean line and ± std band per strategy, to a PNG."""
+    """The headline metric (test accuracy, mIoU) vs labelled fraction, mean line and ± std band
+    per strategy, to a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,7 +215,7 @@ def plot_curves(summaries: list[StrategySummary], path: Path, title: str = "") -
         )
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("labelled fraction of the pool (%)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"{metric_label(summaries[0].metric if summaries else 'test_accuracy')} (%)")
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
