@@ -244,6 +244,35 @@ def test_segmentation_models_with_the_dense_entropy_loss(name, shape, n):
     _assert_exact(model, x, loss_fn=dense_entropy, norms=["l2"])
 
 
+@pytest.mark.parametrize(
+    "name, shape, n",
+    [("fcn-small", (1, 12, 10), 4), ("drn-d-22", (3, 32, 32), 3)],
+)
+def test_segmentation_models_with_the_true_mask_loss_and_ignored_pixels(name, shape, n):
+    # the true-label loss of a segmentation image: its mean pixel cross-entropy over the pixels
+    # that are not the ignore index; one image has no valid pixel at all (loss and gradient 0)
+    from gradnorm_al.tasks import SegmentationTask
+
+    task = SegmentationTask(5, ignore_index=255)
+    torch.manual_seed(0)
+    model = randomise_bn(create_model(name, num_classes=5, in_channels=shape[0])).double().eval()
+    x = torch.randn(n, *shape, dtype=torch.float64)
+    masks = torch.randint(0, 5, (n, *shape[1:]))
+    masks[torch.rand(masks.shape) < 0.3] = 255
+    masks[-1] = 255
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref = []
+    for i in range(n):  # one backward per image
+        loss = task.per_sample_loss(model(x[i : i + 1]), masks[i : i + 1]).sum()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        ref.append(sum(g.pow(2).sum() for g in grads if g is not None).sqrt())
+    ours = per_sample_grad_norms(
+        model, x, lambda logits: task.per_sample_loss(logits, masks), norm="l2", chunk_size=n
+    )
+    assert_close_to_scale(ours, torch.stack(ref), rel=EXACT)
+    assert ours[-1] == 0 and (ours[:-1] > 0).all()
+
+
 def test_unused_head_tuple_output_and_frozen_parameters():
     torch.manual_seed(0)
     model = randomise_bn(TwoHeads()).double()
