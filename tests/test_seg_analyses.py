@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_to_scale
+from conftest import (
+    assert_close_to_scale,
+    brute_grad_norms,
+    check_gradnorm_decrease,
+    check_topk_overlap,
+    pool_items,
+)
 from torch.utils.data import TensorDataset
 
 from gradnorm_al.analyses.generalization_gap import generalization_gap
@@ -90,27 +96,6 @@ def reader(run_dir):
     return RunReader(run_dir)
 
 
-def _pool(reader, indices) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images and masks of pool samples, by plain item access."""
-    items = [reader.bundle.train_eval[int(i)] for i in indices]
-    return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
-
-
-def _brute_norms(model, x, loss_of, norm: str = "tensor-sum") -> np.ndarray:
-    """One backward pass per image of ``loss_of(logits [1, C, H, W], i)`` (None: no loss, 0)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    out = []
-    for i in range(len(x)):
-        loss = loss_of(model(x[i : i + 1]), i)
-        if loss is None:
-            out.append(0.0)
-            continue
-        grads = [g for g in torch.autograd.grad(loss, params, allow_unused=True) if g is not None]
-        sq = [float(g.double().pow(2).sum()) for g in grads]
-        out.append(sum(math.sqrt(v) for v in sq) if norm == "tensor-sum" else math.sqrt(sum(sq)))
-    return np.asarray(out)
-
-
 def _true_mask_ce(y: torch.Tensor):
     """The image's pixel cross-entropy with its true mask, mean over its labelled pixels, as
     PyTorch's own ignore_index computes it; None for an image without one."""
@@ -163,8 +148,8 @@ def test_true_mask_gradnorms_equal_one_backward_per_image(reader, norm):
         task=reader.task,
         labels=reader.true_labels(indices),
     )
-    x, y = _pool(reader, indices)
-    expected = _brute_norms(model, x.double(), _true_mask_ce(y), norm)
+    x, y = pool_items(reader, indices)
+    expected = brute_grad_norms(model, x.double(), _true_mask_ce(y), norm)
     assert norms[UNLABELLED_IMAGE] == 0.0 and expected.min(initial=1.0) == 0.0
     assert_close_to_scale(norms, expected, rel=1e-10)
 
@@ -172,15 +157,7 @@ def test_true_mask_gradnorms_equal_one_backward_per_image(reader, norm):
 def test_topk_overlap_equals_a_brute_force_count_with_the_true_masks(reader):
     records = topk_overlap(reader)
     assert len(records) == 2 * 2 * 2  # strategies x trials x selecting cycles
-    for r in records:
-        view = reader.cycles(r["strategy"], r["trial"])[r["cycle"]]
-        model = reader.model(r["strategy"], r["trial"], r["cycle"])
-        x, y = _pool(reader, view.candidates)
-        norms = _brute_norms(model, x, _true_mask_ce(y))
-        k = len(view.selected)
-        top = {int(view.candidates[i]) for i in np.argsort(-norms, kind="stable")[:k]}
-        assert r["overlap"] == len(top & {int(i) for i in view.selected})
-        assert r["budget"] == k == 3 and r["candidates"] == 30
+    check_topk_overlap(reader, records, _true_mask_ce, budget=3, candidates=30)
 
 
 def test_gradnorm_decrease_follows_the_runs_reduction(reader):
@@ -188,20 +165,11 @@ def test_gradnorm_decrease_follows_the_runs_reduction(reader):
     assert len(records) == 2 * 2 * 2 and {r["scheme"] for r in records} == {"entropy"}
 
     def max_pixel_entropy(logits: torch.Tensor, _i: int) -> torch.Tensor:
+        """The run's reduction, max: the entropy of the image's most uncertain pixel."""
         p = torch.softmax(logits, dim=1)
         return (-(p * torch.log_softmax(logits, dim=1)).sum(dim=1)).amax()
 
-    for r in records:
-        view = reader.cycles(r["strategy"], r["trial"])[r["cycle"]]
-        x, _ = _pool(reader, view.selected)
-        before, after = (
-            _brute_norms(reader.model(r["strategy"], r["trial"], c), x, max_pixel_entropy)
-            for c in (r["cycle"], r["cycle"] + 1)
-        )
-        np.testing.assert_allclose(r["norm_at_selection"], before.mean(), rtol=1e-5)
-        np.testing.assert_allclose(r["norm_after_training"], after.mean(), rtol=1e-5)
-        assert np.min(np.abs(after - before) / before) > 1e-4  # no near-tie could flip
-        assert r["decreased"] == pytest.approx(np.mean(after < before))
+    check_gradnorm_decrease(reader, records, max_pixel_entropy)
 
 
 def test_generalization_gap_is_in_miou(reader, run_dir, capsys):
