@@ -211,7 +211,7 @@ def test_influence_refuses_through_the_api_too(reader):
         influence(reader)
 
 
-def test_a_classification_model_on_the_runs_masks_is_refused(run_dir, tmp_path):
+def test_a_classification_model_or_unknown_data_is_refused(run_dir, tmp_path, capsys):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     text = (copy / "config.yaml").read_text()
@@ -219,3 +219,9 @@ def test_a_classification_model_on_the_runs_masks_is_refused(run_dir, tmp_path):
     assert "model: smallcnn" in (copy / "config.yaml").read_text()
     with pytest.raises(ConfigError, match="smallcnn is a classification model but dataset"):
         RunReader(copy, bundle=_bundle()).model("random", 0, 0)
+    # a run made with data given in Python (bundle=): the fix is to give it again
+    (copy / "config.yaml").write_text(text.replace(f"dataset: {DATASET}", "dataset: nowhere"))
+    assert main(["analyze", "topk-overlap", str(copy), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dataset 'nowhere' is not registered" in err
+    assert "RunReader(DIR, bundle=...)" in err

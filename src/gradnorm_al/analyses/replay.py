@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import DatasetBundle, load_dataset
-from ..errors import FileFormatError, RunDirectoryError
+from ..data import DATASETS, DatasetBundle, load_dataset
+from ..errors import FileFormatError, RunDirectoryError, UnknownNameError
 from ..experiment.checkpoint import MODELS_DIR, load_model, model_path
 from ..experiment.config import ExperimentConfig
 from ..experiment.results import (
@@ -104,6 +104,12 @@ class RunReader:
     @cached_property
     def bundle(self) -> DatasetBundle:
         c = self.config
+        if self._bundle is None and c.dataset not in DATASETS:
+            raise UnknownNameError(
+                f"{self.run_dir}'s dataset {c.dataset!r} is not registered (known: "
+                f"{', '.join(DATASETS.names())}); register it, or open the run in Python with "
+                "RunReader(DIR, bundle=...) and the data it was run on"
+            )
         bundle = self._bundle or load_dataset(c.dataset, c.data_root, c.download)
         if c.pool_size is not None:
             bundle = bundle.with_pool_subset(c.pool_size, rng(c.seed, POOL_SUBSET))
