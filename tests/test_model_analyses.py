@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_to_scale
+from conftest import (
+    assert_close_to_scale,
+    check_gradnorm_decrease,
+    check_topk_overlap,
+    pool_items,
+)
 
 from gradnorm_al.analyses.gradnorm_decrease import gradnorm_decrease
 from gradnorm_al.analyses.influence import InfluenceSettings, influence, influence_terms
@@ -65,22 +70,6 @@ def reader(run_dir):
     return RunReader(run_dir)
 
 
-def _brute_norms(model, x, loss_of) -> np.ndarray:
-    """One backward pass per sample; tensor-sum norm (the run's default)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    out = []
-    for i in range(len(x)):
-        grads = torch.autograd.grad(loss_of(model(x[i : i + 1]), i), params, allow_unused=True)
-        out.append(sum(float(g.norm()) for g in grads if g is not None))
-    return np.asarray(out)
-
-
-def _pool(reader, indices):
-    """Inputs and labels of pool samples, by plain item access."""
-    items = [reader.bundle.train_eval[int(i)] for i in indices]
-    return torch.stack([x for x, _ in items]), torch.as_tensor([int(y) for _, y in items])
-
-
 def test_keep_models_writes_every_cycle_and_the_replay_reproduces_the_run(reader, run_dir):
     assert len(list((run_dir / "models").glob("*.pt"))) == 2 * 2 * 3
     bundle = reader.bundle
@@ -102,7 +91,7 @@ def test_keep_models_writes_every_cycle_and_the_replay_reproduces_the_run(reader
 def test_replayed_candidates_and_model_reproduce_the_gradnorm_selection(reader):
     for view in reader.cycles("entropy-gradnorm", 1)[:-1]:
         model = reader.model("entropy-gradnorm", 1, view.cycle)
-        x, _ = _pool(reader, view.candidates)
+        x, _ = pool_items(reader, view.candidates)
         scores = gradnorm_scores(model, x, scheme="entropy").numpy()
         np.testing.assert_array_equal(
             top_k(scores, view.candidates, len(view.selected)), view.selected
@@ -112,34 +101,17 @@ def test_replayed_candidates_and_model_reproduce_the_gradnorm_selection(reader):
 def test_topk_overlap_equals_a_brute_force_count(reader):
     records = topk_overlap(reader)
     assert len(records) == 2 * 2 * 2  # strategies x trials x selecting cycles
-    for r in records:
-        view = reader.cycles(r["strategy"], r["trial"])[r["cycle"]]
-        model = reader.model(r["strategy"], r["trial"], r["cycle"])
-        x, y = _pool(reader, view.candidates)
-        norms = _brute_norms(model, x, lambda out, i, y=y: F.cross_entropy(out, y[i : i + 1]))
-        k = len(view.selected)
-        top = {int(view.candidates[i]) for i in np.argsort(-norms, kind="stable")[:k]}
-        assert r["overlap"] == len(top & {int(i) for i in view.selected})
-        assert r["budget"] == k == 15 and r["candidates"] == 120
+
+    def true_loss(y):
+        return lambda out, i: F.cross_entropy(out, y[i : i + 1])
+
+    check_topk_overlap(reader, records, true_loss, budget=15, candidates=120)
 
 
 def test_gradnorm_decrease_equals_a_brute_force_fraction(reader):
     records = gradnorm_decrease(reader)
     assert len(records) == 2 * 2 * 2 and {r["scheme"] for r in records} == {"entropy"}
-    for r in records:
-        view = reader.cycles(r["strategy"], r["trial"])[r["cycle"]]
-        x, _ = _pool(reader, view.selected)
-        before, after = (
-            _brute_norms(
-                reader.model(r["strategy"], r["trial"], c), x, lambda out, i: entropy_loss(out)[0]
-            )
-            for c in (r["cycle"], r["cycle"] + 1)
-        )
-        np.testing.assert_allclose(r["norm_at_selection"], before.mean(), rtol=1e-5)
-        np.testing.assert_allclose(r["norm_after_training"], after.mean(), rtol=1e-5)
-        # a sample whose two norms agree to float32 noise could flip; none here is that close
-        assert np.min(np.abs(after - before) / before) > 1e-4
-        assert r["decreased"] == pytest.approx(np.mean(after < before))
+    check_gradnorm_decrease(reader, records, lambda out, i: entropy_loss(out)[0])
 
 
 def test_analyze_commands_write_tables(run_dir, capsys):
@@ -194,7 +166,7 @@ def test_influence_terms_against_independent_autograd(reader, at):
     g_bar = torch.autograd.grad(
         F.cross_entropy(model(torch.stack(xt)), torch.as_tensor([int(y) for y in yt])), params
     )
-    xh, yh = _pool(reader, hessian_idx)
+    xh, yh = pool_items(reader, hessian_idx)
     grads = torch.autograd.grad(F.cross_entropy(model(xh), yh), params, create_graph=True)
     s = t["s"]
     hs = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, s)), params)
@@ -202,7 +174,7 @@ def test_influence_terms_against_independent_autograd(reader, at):
     g_norm = torch.cat([g.flatten() for g in g_bar]).norm()
     assert float(residual.norm() / g_norm) < 2e-4
     # Target: one backward per candidate (first 12)
-    x, y = _pool(reader, view.candidates[:12])
+    x, y = pool_items(reader, view.candidates[:12])
     expected = []
     for i in range(12):
         g = torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params)
@@ -214,7 +186,7 @@ def test_influence_terms_against_independent_autograd(reader, at):
     slack = 1e-5 * float(np.max(t["approx2"]))
     assert np.all(np.abs(t["approx1"]) <= np.asarray(t["approx2"]) + slack)
     selecting = reader.model(strategy, trial, cycle)
-    x_all, _ = _pool(reader, view.candidates)
+    x_all, _ = pool_items(reader, view.candidates)
     l2 = gradnorm_scores(selecting, x_all, scheme="entropy", norm="l2").numpy()
     assert_close_to_scale(t["approx3"], t["s_norm"] * l2, rel=1e-6)
     if at == "selection":

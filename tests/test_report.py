@@ -27,10 +27,28 @@ from gradnorm_al.reports.stats import (
 POOL, INITIAL, BUDGET = 100, 10, 5  # cycle c labels 10 + 5c of 100: fractions 0.10, 0.15, 0.20
 
 
-def write_run(path: Path, curves: dict[str, list[list[float]]], **options) -> Path:
+def classification_metrics(acc: float) -> dict[str, float]:
+    return {"test_accuracy": acc, "train_accuracy": 1.0}
+
+
+def segmentation_metrics(miou: float) -> dict[str, float]:
+    """A segmentation run's columns, in the runner's order; pixel accuracy falls as mIoU rises,
+    so that its ranking is the reverse of the headline's."""
+    return {
+        "test_miou": miou,
+        "test_pixel_accuracy": 1 - miou / 2,
+        "train_miou": 0.9,
+        "train_pixel_accuracy": 0.95,
+    }
+
+
+def write_run(
+    path: Path, curves: dict[str, list[list[float]]], metrics=classification_metrics, **options
+) -> Path:
     """A run folder as the runner writes it (config.yaml, then ResultsStore after every cycle).
 
-    ``curves[strategy][trial]`` is the test accuracy per finished cycle; a list shorter than
+    ``curves[strategy][trial]`` is the headline metric (test accuracy; with
+    ``metrics=segmentation_metrics``, test mIoU) per finished cycle; a list shorter than
     ``cycles`` is a run that stopped there. Training takes 0.5 + c s, selection 0.1 * (c + 1) s.
     """
     options = {
@@ -56,7 +74,7 @@ def write_run(path: Path, curves: dict[str, list[list[float]]], **options) -> Pa
                         cycle=cycle,
                         num_labeled=n,
                         labeled_fraction=n / POOL,
-                        metrics={"test_accuracy": acc, "train_accuracy": 1.0},
+                        metrics=metrics(acc),
                         train_seconds=0.5 + cycle,
                         select_seconds=None if last else 0.1 * (cycle + 1),
                         seed=config.seed + trial,
@@ -249,6 +267,70 @@ def test_single_trial_report_marks_no_test(tmp_path):
     assert "| a | 50.0 | 60.0 | 70.0 | 60.0 | 1 |" in md and "nan" not in md.lower()
 
 
+def test_report_of_a_segmentation_run_ranks_by_miou_and_shows_pixel_accuracy(tmp_path):
+    """The same curves as test_report_of_one_run_by_hand, as test mIoU: the same AUCs, ranks and
+    paired statistics, every text naming mIoU; pixel accuracy (ranked the other way round) gets
+    its own per-cycle table in the mIoU order."""
+    seg = write_report([write_run(tmp_path / "seg", CURVES, segmentation_metrics)], tmp_path / "s")
+    cls = write_report([write_run(tmp_path / "cls", CURVES)], tmp_path / "c")
+    assert {s.metric for s in seg.summaries} == {"test_miou"}
+    assert seg.strategies == cls.strategies == ["b", "a", "c"]
+    for a, b in zip(seg.comparisons, cls.comparisons):
+        assert (a.label, a.mean_diff, a.t_pvalue, a.wins) == (
+            b.label,
+            b.mean_diff,
+            b.t_pvalue,
+            b.wins,
+        )
+    md = seg.markdown_path.read_text()
+    assert seg.table == cls.table  # AUC ranking and pairs, printed by `report`
+    assert "| 2 | a | 65.0 ± 7.1 | 1.50 | 2 | t0: 70.0, t1: 60.0 |" in md
+    assert "area under test mIoU vs labelled fraction" in md and "the curve's mean mIoU" in md
+    assert "## Test mIoU per cycle" in md and "## Test pixel accuracy per cycle" in md
+    assert "| a | 55.0 ± 7.1 | 65.0 ± 7.1 | 75.0 ± 21.2 | 65.0 ± 7.1 | 2 |" in md
+    # pixel accuracy 1 - mIoU / 2: a's (0.75, 0.65, 0.55) and (0.7, 0.7, 0.7); AUCs 0.65, 0.70
+    pixel = md[md.index("## Test pixel accuracy per cycle") : md.index("## Time")]
+    assert "| a | 72.5 ± 3.5 | 67.5 ± 3.5 | 62.5 ± 10.6 | 67.5 ± 3.5 | 2 |" in pixel
+    names = [line[2] for line in pixel.splitlines() if line[:4] in ("| a ", "| b ", "| c ")]
+    assert names == ["b", "a", "c"]  # the mIoU ranking, not pixel accuracy's (c first)
+    assert "test accuracy" not in md.replace("pixel accuracy", "").lower()
+    page = seg.html_path.read_text()
+    assert (
+        "<h2>Test mIoU per cycle</h2>" in page and "<h2>Test pixel accuracy per cycle</h2>" in page
+    )
+    assert "test accuracy" not in page.replace("pixel accuracy", "").lower()
+    cls_md = cls.markdown_path.read_text()
+    assert "## Test accuracy per cycle" in cls_md and "pixel" not in cls_md
+    assert "area under test accuracy vs labelled fraction" in cls_md
+
+
+def test_a_classification_and_a_segmentation_run_are_not_merged(tmp_path):
+    one = write_run(tmp_path / "one", {"a": CURVES["a"]})
+    two = write_run(tmp_path / "two", {"b": CURVES["b"]}, segmentation_metrics)
+    with pytest.raises(ConfigError, match="runs measure different metrics: .* has test_accuracy"):
+        write_report([one, two], tmp_path / "out")
+
+
+def test_segmentation_columns_in_another_order_keep_miou_the_headline(tmp_path):
+    from gradnorm_al.experiment.results import read_results
+    from gradnorm_al.reports.summary import headline_metric
+
+    run = write_run(tmp_path / "run", CURVES, segmentation_metrics)
+    lines = [line.split(",") for line in (run / "results.csv").read_text().splitlines()]
+    k = lines[0].index("test_miou")
+    for fields in lines:  # test_miou moved after test_pixel_accuracy
+        fields.insert(k + 1, fields.pop(k))
+    (run / "results.csv").write_text("\n".join(",".join(f) for f in lines) + "\n")
+    rows = read_results(run / "results.csv")
+    assert list(rows[0])[5:9] == [
+        "test_miou",
+        "test_pixel_accuracy",
+        "train_miou",
+        "train_pixel_accuracy",
+    ]
+    assert headline_metric(rows) == "test_miou" and rows[1]["test_miou"] == 0.7
+
+
 # ------------------------------------------------------------------ damaged or hand-edited files
 RESULTS_HEADER = (
     "strategy,trial,cycle,num_labeled,labeled_fraction,test_accuracy,train_accuracy,"
@@ -361,6 +443,13 @@ DAMAGES = {
         lambda run: drop_column(run, "train_accuracy") or 1,
         "the header lacks the column(s) train_accuracy",
     ),
+    "metric-columns-missing": (
+        "results.csv",
+        lambda run: drop_column(run, "test_accuracy") or drop_column(run, "train_accuracy") or 1,
+        "the header has no metric columns; a run writes test_accuracy, train_accuracy "
+        "(classification) or test_miou, test_pixel_accuracy, train_miou, train_pixel_accuracy "
+        "(segmentation)",
+    ),
     "fields-missing": (
         "results.csv",
         lambda run: edit_line(run, "results.csv", 5, lambda b: b.rsplit(b",", 2)[0]) or 5,
@@ -433,30 +522,85 @@ DAMAGES = {
 }
 
 
-@pytest.mark.parametrize("case", list(DAMAGES))
-def test_damaged_run_files_give_one_line_errors(tmp_path, capsys, case):
-    """`report` and `analyze` on a damaged or hand-edited run folder: exit status 2 and one line
-    `gradnorm-al: error: <file>:<line>: <what>; <fix>`, never a traceback or a silently wrong
-    table."""
+# results.csv of write_run(CURVES, segmentation_metrics): as above, 12 columns
+SEGMENTATION_DAMAGES = {
+    "miou-above-1": (
+        lambda run: set_field(run, 3, "test_miou", "1.5") or 3,
+        "test_miou must be a fraction in [0, 1], got 1.5",
+    ),
+    "pixel-accuracy-negative": (
+        lambda run: set_field(run, 6, "train_pixel_accuracy", "-0.25") or 6,
+        "train_pixel_accuracy must be a fraction in [0, 1], got -0.25",
+    ),
+    "miou-nan": (
+        lambda run: set_field(run, 9, "train_miou", "nan") or 9,
+        "train_miou must be a finite number, got 'nan'",
+    ),
+    "train-miou-missing": (
+        lambda run: drop_column(run, "train_miou") or 1,
+        "the header lacks the column(s) train_miou;",
+    ),
+    "test-pixel-accuracy-missing": (
+        lambda run: drop_column(run, "test_pixel_accuracy") or 1,
+        "the header lacks the column(s) test_pixel_accuracy;",
+    ),
+    "both-miou-missing": (  # pixel accuracy alone would pass the test_/train_ pairing
+        lambda run: drop_column(run, "test_miou") or drop_column(run, "train_miou") or 1,
+        "the header lacks the column(s) test_miou, train_miou;",
+    ),
+    "metric-columns-missing": (
+        lambda run: (
+            [
+                drop_column(run, c)
+                for c in ("test_miou", "test_pixel_accuracy", "train_miou", "train_pixel_accuracy")
+            ]
+            and 1
+        ),
+        "the header has no metric columns",
+    ),
+    "fields-missing": (
+        lambda run: edit_line(run, "results.csv", 5, lambda b: b.rsplit(b",", 2)[0]) or 5,
+        "10 fields where the header has 12",
+    ),
+}
+
+
+def _one_line_errors(run: Path, out: Path, capsys, name: str, line: int, what: str) -> None:
+    """`report` and every analysis that reads the file fail with exit status 2 and one line
+    `gradnorm-al: error: <file>:<line>: <what>; <fix>`; nothing is written."""
     from gradnorm_al.cli import main
 
-    run = write_run(tmp_path / "run", CURVES)
-    name, damage, what = DAMAGES[case]
-    line = damage(run)
-    commands = [["report", str(run), "--out", str(tmp_path / "out")], ["analyze", "topk-overlap"]]
+    commands = [["report", str(run), "--out", str(out)], ["analyze", "topk-overlap"]]
     if name != "selections.jsonl":  # the results-only analyses do not read the selections
         commands += [["analyze", "generalization-gap"], ["analyze", "timing"]]
     for argv in commands:
         argv = argv if argv[0] == "report" else [*argv, str(run)]
         capsys.readouterr()
         code = main(argv)
-        out, err = capsys.readouterr()
-        assert code == 2, (argv, code, out, err)
+        stdout, err = capsys.readouterr()
+        assert code == 2, (argv, code, stdout, err)
         assert "Traceback" not in err and err.count("\n") == 1 and err.endswith("\n"), err
         prefix = f"gradnorm-al: error: {run / name}:{line}: "
         assert err.startswith(prefix), (argv, err, prefix)
         assert what in err and "; " in err[len(prefix) :], err
-    assert not (tmp_path / "out").exists()
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", list(SEGMENTATION_DAMAGES))
+def test_damaged_segmentation_results_give_one_line_errors(tmp_path, capsys, case):
+    run = write_run(tmp_path / "run", CURVES, segmentation_metrics)
+    damage, what = SEGMENTATION_DAMAGES[case]
+    _one_line_errors(run, tmp_path / "out", capsys, "results.csv", damage(run), what)
+
+
+@pytest.mark.parametrize("case", list(DAMAGES))
+def test_damaged_run_files_give_one_line_errors(tmp_path, capsys, case):
+    """`report` and `analyze` on a damaged or hand-edited run folder: exit status 2 and one line
+    `gradnorm-al: error: <file>:<line>: <what>; <fix>`, never a traceback or a silently wrong
+    table."""
+    run = write_run(tmp_path / "run", CURVES)
+    name, damage, what = DAMAGES[case]
+    _one_line_errors(run, tmp_path / "out", capsys, name, damage(run), what)
 
 
 def test_damaged_selections_through_a_real_process(tmp_path):

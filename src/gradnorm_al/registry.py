@@ -31,6 +31,11 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` (a test's temporary entry) and return what it named."""
+        self.get(name)  # the unknown-name error
+        return self._items.pop(name)
+
     def get(self, name: str) -> T:
         try:
             return self._items[name]

@@ -22,7 +22,9 @@ def gradnorm_decrease(
 ) -> list[dict[str, Any]]:
     """Appendix A.2: per strategy, trial and cycle c whose next model T^{c+1} exists, the
     fraction of the samples selected at c whose gradient norm of the scheme's loss is lower at
-    T^{c+1} (trained with them) than at T^c (when selected), with both mean norms."""
+    T^{c+1} (trained with them) than at T^c (when selected), with both mean norms. On a
+    segmentation run the loss is per pixel, reduced per image with the run's ``reduction``, as
+    the run scored."""
     reader.require_models()
     norm = norm or reader.config.norm
     batch = reader.config.score_batch_size
@@ -43,6 +45,7 @@ def gradnorm_decrease(
                         scheme=scheme,
                         norm=norm,
                         batch_size=batch,
+                        reduction=reader.task.reduction,
                     ).numpy()
                     for c in (view.cycle, after.cycle)
                 ]

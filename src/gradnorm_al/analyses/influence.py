@@ -107,6 +107,17 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
+def check_classification(reader: RunReader) -> None:
+    """Refuse a segmentation run: Eq. 3's terms are built on one cross-entropy per sample of
+    [N, C] logits (its Hessian and Gauss-Newton products, its directional derivatives)."""
+    if reader.task.dense:
+        raise ConfigError(
+            f"{reader.run_dir} is a {reader.task.name} run; the influence analysis (Eq. 3) is "
+            "implemented for classification runs only (one cross-entropy per sample, its Hessian "
+            "over [N, C] logits), not per-pixel losses; use topk-overlap or gradnorm-decrease"
+        )
+
+
 def influence_terms(
     reader: RunReader,
     strategy: str,
@@ -132,6 +143,7 @@ def influence_terms(
     Returns those float64 arrays [M] plus ``candidates``, ``selected``, ``s``, ``s_norm``, the
     damping used, the eigenvalue estimates (NaN for a given damping) and the CG ``report``.
     """
+    check_classification(reader)
     bundle, config = reader.bundle, reader.config
     scheme = loss_scheme(reader, strategy)
     loss = SCHEME_LOSSES[scheme]
@@ -216,6 +228,7 @@ def influence(
     how the conjugate-gradient solve ended."""
     reader.require_models()
     settings.check()
+    check_classification(reader)
     schemes = [s for s in reader.strategies if hasattr(reader.strategy(s), "scheme")]
     if not schemes:
         raise RunDirectoryError(

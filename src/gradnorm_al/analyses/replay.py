@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import DatasetBundle, load_dataset
-from ..errors import FileFormatError, RunDirectoryError
+from ..data import DATASETS, DatasetBundle, load_dataset
+from ..errors import FileFormatError, RunDirectoryError, UnknownNameError
 from ..experiment.checkpoint import MODELS_DIR, load_model, model_path
 from ..experiment.config import ExperimentConfig
 from ..experiment.results import (
@@ -30,12 +30,20 @@ from ..experiment.results import (
     read_results,
     read_selections,
 )
-from ..experiment.runner import read_run_config, resolve_device, strategy_kwargs
+from ..experiment.runner import (
+    bundle_task,
+    check_model_task,
+    read_run_config,
+    resolve_device,
+    strategy_kwargs,
+)
 from ..loop import cycle_candidates
 from ..models import create_model
+from ..oracles import DatasetOracle
 from ..pool import Pool
 from ..seeding import INIT_POOL, POOL_SUBSET, rng
 from ..strategies import Strategy, create_strategy
+from ..tasks import Task
 from .base import Log
 
 
@@ -96,10 +104,35 @@ class RunReader:
     @cached_property
     def bundle(self) -> DatasetBundle:
         c = self.config
+        if self._bundle is None and c.dataset not in DATASETS:
+            raise UnknownNameError(
+                f"{self.run_dir}'s dataset {c.dataset!r} is not registered (known: "
+                f"{', '.join(DATASETS.names())}); register it, or open the run in Python with "
+                "RunReader(DIR, bundle=...) and the data it was run on"
+            )
         bundle = self._bundle or load_dataset(c.dataset, c.data_root, c.download)
         if c.pool_size is not None:
             bundle = bundle.with_pool_subset(c.pool_size, rng(c.seed, POOL_SUBSET))
         return bundle
+
+    @cached_property
+    def task(self) -> Task:
+        """The run's task, rebuilt as the runner built it: classification, or segmentation with
+        the data's ignore index and the run's ``reduction``."""
+        return bundle_task(self.bundle, self.config.reduction)
+
+    @cached_property
+    def oracle(self) -> DatasetOracle:
+        """The true labels of the pool (class indices; segmentation: masks), as the run's
+        learner got them."""
+        bundle = self.bundle
+        source = bundle.train_targets if bundle.train_targets is not None else bundle.train_eval
+        return DatasetOracle(source)
+
+    def true_labels(self, indices: np.ndarray) -> torch.Tensor:
+        """The true labels of pool ``indices``, checked and stacked by the run's task: int64
+        [M] class indices, or [M, H, W] masks."""
+        return self.task.collate(self.oracle.labels(np.asarray(indices, dtype=np.int64)))
 
     @property
     def strategies(self) -> list[str]:
@@ -172,6 +205,7 @@ class RunReader:
         bundle = self.bundle
         name = self.config.model or bundle.default_model
         net = create_model(name, num_classes=bundle.num_classes, in_channels=bundle.in_channels)
+        check_model_task(name, net, bundle)
         net = self.strategy(strategy).prepare_model(net)
         net.load_state_dict(state)
         return net.to(self.device).eval()

@@ -18,6 +18,7 @@ import numpy as np
 from ..atomic import atomic_write_text
 from ..errors import FileFormatError, read_text
 from ..loop import CycleRecord
+from ..tasks import ClassificationTask, SegmentationTask
 from .checkpoint import STATE_DIR
 
 if TYPE_CHECKING:
@@ -25,8 +26,14 @@ if TYPE_CHECKING:
 
 HEAD_COLUMNS = ("strategy", "trial", "cycle", "num_labeled", "labeled_fraction")
 TAIL_COLUMNS = ("train_seconds", "select_seconds", "seed")
+#: the metric columns of each task's results.csv, in the order the runner writes them (the test_
+#: metrics, the headline first, then the train_ ones)
+TASK_COLUMNS = {
+    task.name: tuple(f"{split}_{m}" for split in ("test", "train") for m in task.metrics)
+    for task in (ClassificationTask, SegmentationTask)
+}
 #: the columns of a classification run; other tasks put their own metric columns in the middle
-RESULT_COLUMNS = (*HEAD_COLUMNS, "test_accuracy", "train_accuracy", *TAIL_COLUMNS)
+RESULT_COLUMNS = (*HEAD_COLUMNS, *TASK_COLUMNS["classification"], *TAIL_COLUMNS)
 RESULTS_FILE = "results.csv"
 SELECTIONS_FILE = "selections.jsonl"
 
@@ -82,8 +89,10 @@ def rows_to_csv(rows: list[dict[str, Any]]) -> str:
 
 
 # ----------------------------------------------------------------------------- reading back
-#: metric columns whose values are fractions in [0, 1] (test_accuracy, train_miou, ...)
+#: endings of the metric columns whose values are fractions in [0, 1]: test_accuracy,
+#: train_pixel_accuracy, test_miou, ...
 FRACTION_METRICS = ("accuracy", "iou")
+METRIC_PREFIXES = ("test_", "train_")
 _INTS = ("trial", "cycle", "num_labeled", "seed")
 
 
@@ -107,14 +116,20 @@ def _integer(value: str) -> int | None:
 def read_results(path: str | Path, config: ExperimentConfig | None = None) -> list[dict[str, Any]]:
     """The rows of a results.csv, numeric columns parsed (an empty select_seconds -> None).
 
+    Either task's columns are read: ``test_accuracy``, ``train_accuracy`` (classification) or
+    ``test_miou``, ``test_pixel_accuracy``, ``train_miou``, ``train_pixel_accuracy``
+    (segmentation), :data:`TASK_COLUMNS`; each row holds them in that order, so its first
+    ``test_*`` key is the headline metric whatever the file's column order.
+
     Every value is checked, so reports and analyses never compute on a damaged or hand-edited
     file: :class:`~gradnorm_al.errors.FileFormatError` (``<file>:<line>: <what>; <fix>``) for a
-    file that is not UTF-8 text, a missing or repeated column, a line with the wrong number of
-    fields, an empty value (but select_seconds), a trial, cycle, num_labeled or seed that is not
-    a whole number >= 0, a non-finite number, an accuracy-like metric outside [0, 1], a labelled
-    fraction outside (0, 1], a repeated (strategy, trial, cycle), labelled counts or fractions
-    that do not grow from cycle to cycle, and, given the run's ``config``, a strategy, trial or
-    cycle the run was not configured with.
+    file that is not UTF-8 text, a missing or repeated column (a test_ metric without its train_
+    counterpart or the other way round, part of a task's metric columns), a line with the wrong
+    number of fields, an empty value (but select_seconds), a trial, cycle, num_labeled or seed
+    that is not a whole number >= 0, a non-finite number, a metric (accuracy, mIoU, pixel
+    accuracy) outside [0, 1], a labelled fraction outside (0, 1], a repeated (strategy, trial,
+    cycle), labelled counts or fractions that do not grow from cycle to cycle, and, given the
+    run's ``config``, a strategy, trial or cycle the run was not configured with.
     """
     path = Path(path)
     fix = _fix(path)
@@ -126,13 +141,23 @@ def read_results(path: str | Path, config: ExperimentConfig | None = None) -> li
         raise FileFormatError(path, 1, f"the header is not CSV ({err})", fix) from None
     if not header:
         raise FileFormatError(path, 1, "the file is empty, not a results table", fix)
-    missing = [c for c in RESULT_COLUMNS if c not in header]
+    missing = [c for c in (*HEAD_COLUMNS, *TAIL_COLUMNS) if c not in header]
+    missing += _missing_metrics(header)
+    if not metric_columns(header):
+        tasks = " or ".join(f"{', '.join(cols)} ({name})" for name, cols in TASK_COLUMNS.items())
+        raise FileFormatError(
+            path, 1, f"the header has no metric columns; a run writes {tasks}", fix
+        )
     if missing:
         raise FileFormatError(path, 1, f"the header lacks the column(s) {', '.join(missing)}", fix)
     repeated = sorted({c for c in header if header.count(c) > 1})
     if repeated:
         raise FileFormatError(path, 1, f"the header repeats {', '.join(repeated)}", fix)
-    metrics = [c for c in header if c not in (*HEAD_COLUMNS, *TAIL_COLUMNS)]
+    metrics = _metric_order(metric_columns(header))
+    # rows keep the task's column order whatever the file's: the first test_ column is the
+    # headline of every report
+    order = [*HEAD_COLUMNS, *metrics]
+    order += [c for c in header if c not in order]
     rows: list[dict[str, Any]] = []
     first_line: dict[tuple[str, int, int], int] = {}
     while True:
@@ -150,7 +175,8 @@ def read_results(path: str | Path, config: ExperimentConfig | None = None) -> li
                 path, line, f"{len(raw)} fields where the header has {len(header)}", fix
             )
         error = partial(FileFormatError, path, line, fix=fix)  # error(what is wrong)
-        row = _parse_row(dict(zip(header, raw)), metrics, error)
+        fields = dict(zip(header, raw))
+        row = _parse_row({c: fields[c] for c in order}, metrics, error)
         key = (row["strategy"], row["trial"], row["cycle"])
         if key in first_line:
             raise FileFormatError(
@@ -165,6 +191,37 @@ def read_results(path: str | Path, config: ExperimentConfig | None = None) -> li
         rows.append(row)
     _check_growth(rows, first_line, path, fix)
     return rows
+
+
+def metric_columns(columns: list[str]) -> list[str]:
+    """The metric columns (``test_*``, ``train_*``) among results.csv ``columns``, in order."""
+    fixed = (*HEAD_COLUMNS, *TAIL_COLUMNS)
+    return [c for c in columns if c.startswith(METRIC_PREFIXES) and c not in fixed]
+
+
+def _missing_metrics(header: list[str]) -> list[str]:
+    """The metric columns a results.csv header lacks: every test_ metric needs its train_
+    counterpart and the other way round, and a header with part of a task's metrics
+    (:data:`TASK_COLUMNS`) needs the rest."""
+    present = metric_columns(header)
+    missing = []
+    for task_columns in TASK_COLUMNS.values():
+        if set(present) & set(task_columns):
+            missing += [c for c in task_columns if c not in present and c not in missing]
+    for column in present:
+        split, metric = column.split("_", 1)
+        other = f"{'train' if split == 'test' else 'test'}_{metric}"
+        if other not in present and other not in missing:
+            missing.append(other)
+    return missing
+
+
+def _metric_order(metrics: list[str]) -> list[str]:
+    """A task's metric columns in the order its runs write them (others: test_ ones first)."""
+    for task_columns in TASK_COLUMNS.values():
+        if set(metrics) == set(task_columns):
+            return list(task_columns)
+    return sorted(metrics, key=lambda c: not c.startswith("test_"))
 
 
 def _parse_row(

@@ -1,6 +1,10 @@
 """The report over merged run folders: report.html (self-contained: inline CSS, the plot embedded
-as base64), summary.md and curves.png, with the AUC ranking, paired comparisons, accuracy per
+as base64), summary.md and curves.png, with the AUC ranking, paired comparisons, the metrics per
 cycle and time per strategy.
+
+Curves, AUCs and paired statistics are those of the runs' headline metric (test accuracy;
+segmentation: test mIoU, :func:`~.summary.headline_metric`); the task's other test metrics
+(segmentation: pixel accuracy) get a per-cycle table of their own.
 """
 
 from __future__ import annotations
@@ -28,7 +32,15 @@ from .stats import (
     mean_trial_ranks,
     min_sign_flip_pvalue,
 )
-from .summary import StrategySummary, pct_mean_std, per_trial_auc, plot_curves, summarise
+from .summary import (
+    StrategySummary,
+    headline_metric,
+    metric_label,
+    pct_mean_std,
+    per_trial_auc,
+    plot_curves,
+    summarise,
+)
 
 REPORT_FILES = ("report.html", "summary.md", "curves.png")
 
@@ -100,13 +112,19 @@ def auc_table(summaries: list[StrategySummary]) -> Table:
     return table
 
 
-def accuracy_table(summaries: list[StrategySummary], num_labeled: list[int]) -> Table:
-    """Test accuracy (%) mean ± std per cycle, then the AUC."""
+def accuracy_table(
+    summaries: list[StrategySummary], num_labeled: list[int], order: list[str] | None = None
+) -> Table:
+    """The summaries' metric (test accuracy, mIoU, ...; %) mean ± std per cycle, then the AUC;
+    strategies best mean AUC first, or in ``order`` (the headline metric's ranking)."""
     fractions = summaries[0].fractions if summaries else np.zeros(0)
     header = ["strategy"]
     header += [f"{100 * f:.0f}% ({n})" for f, n in zip(fractions, num_labeled)]
     table = Table([*header, "AUC", "trials"])
-    for s in ranked(summaries):
+    rows = ranked(summaries)
+    if order is not None:
+        rows.sort(key=lambda s: order.index(s.strategy))
+    for s in rows:
         cells = [s.strategy, *[pct_mean_std(s.accuracy[:, c]) for c in range(s.accuracy.shape[1])]]
         table.rows.append([*cells, pct_mean_std(s.auc), str(s.trials)])
     return table
@@ -219,6 +237,42 @@ class _Sections:
     accuracy: Table
     times: Table
     runs: list[RunFolder]
+    metric: str = "test_accuracy"  # the headline: curves, AUCs and pairs are of this column
+    #: per-cycle tables of the other test metrics (segmentation: pixel accuracy), by column
+    others: dict[str, Table] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """``test mIoU``: the headline as the text names it."""
+        return metric_label(self.metric)
+
+    @property
+    def auc_note(self) -> str:
+        return (
+            f"AUC: area under {self.label} vs labelled fraction divided by the fraction range "
+            f"(the curve's mean {self.label.removeprefix('test ')}, %), mean ± sample std over "
+            "trials (the mean alone for one trial); rank 1 = best mean."
+        )
+
+    def per_cycle(self) -> list[tuple[str, str, Table]]:
+        """(heading, note, table) of the headline and each other metric per cycle."""
+        out = []
+        for metric, table in [(self.metric, self.accuracy), *self.others.items()]:
+            label = metric_label(metric)
+            title = label[0].upper() + label[1:]
+            out.append(
+                (
+                    f"{title} per cycle",
+                    f"{title} (%) by labelled fraction of the pool (number labelled), mean ± std"
+                    + (
+                        "."
+                        if metric == self.metric
+                        else f", and the AUC of its curve; strategies in the order of {self.label}."
+                    ),
+                    table,
+                )
+            )
+        return out
 
 
 def _protocol_line(run: RunFolder, runs: list[RunFolder]) -> str:
@@ -257,18 +311,17 @@ def _markdown(sec: _Sections) -> str:
         out.append("")
     out += [
         "## Learning curves\n",
-        "![learning curves: test accuracy vs labelled fraction, mean ± std](curves.png)\n",
+        f"![learning curves: {sec.label} vs labelled fraction, mean ± std](curves.png)\n",
         "## Area under the learning curve\n",
-        "AUC: area under test accuracy vs labelled fraction divided by the fraction range (the "
-        "curve's mean accuracy, %), mean ± sample std over trials (the mean alone for one trial); "
-        "rank 1 = best mean.\n",
+        sec.auc_note + "\n",
         sec.auc.markdown(),
         "## Pairwise comparisons\n",
         sec.pairs.markdown() if sec.pairs.rows else "(fewer than two strategies finished)\n",
         sec.pairs_note + "\n",
-        "## Test accuracy per cycle\n",
-        "Test accuracy (%) by labelled fraction of the pool (number labelled), mean ± std.\n",
-        sec.accuracy.markdown(),
+    ]
+    for heading, note, table in sec.per_cycle():
+        out += [f"## {heading}\n", note + "\n", table.markdown()]
+    out += [
         "## Time\n",
         "Seconds per cycle (selection: the cycles that select) and in total per trial, "
         "mean ± std.\n",
@@ -317,19 +370,17 @@ def _html(sec: _Sections, png: bytes) -> str:
     parts += [
         "<h2>Learning curves</h2>",
         f'<img src="data:image/png;base64,{data}" '
-        'alt="test accuracy vs labelled fraction, mean and ± std band per strategy">',
+        f'alt="{e(sec.label)} vs labelled fraction, mean and ± std band per strategy">',
         "<h2>Area under the learning curve</h2>",
-        '<p class="note">AUC: area under test accuracy vs labelled fraction divided by the '
-        "fraction range (the curve's mean accuracy, %), mean ± sample std over trials (the mean "
-        "alone for one trial); rank 1 = best mean.</p>",
+        f'<p class="note">{html.escape(sec.auc_note, quote=False)}</p>',
         sec.auc.html(),
         "<h2>Pairwise comparisons</h2>",
         sec.pairs.html() if sec.pairs.rows else "<p>(fewer than two strategies finished)</p>",
         f'<p class="note">{e(sec.pairs_note)}</p>',
-        "<h2>Test accuracy per cycle</h2>",
-        '<p class="note">Test accuracy (%) by labelled fraction of the pool (number labelled), '
-        "mean ± std.</p>",
-        sec.accuracy.html(),
+    ]
+    for heading, note, table in sec.per_cycle():
+        parts += [f"<h2>{e(heading)}</h2>", f'<p class="note">{e(note)}</p>', table.html()]
+    parts += [
         "<h2>Time</h2>",
         '<p class="note">Seconds per cycle (selection: the cycles that select) and in total per '
         "trial, mean ± std.</p>",
@@ -347,7 +398,8 @@ def _html(sec: _Sections, png: bytes) -> str:
 
 def write_merged_report(merged: MergedRuns, out_dir: Path) -> ReportResult:
     """Write report.html, summary.md and curves.png of ``merged`` into ``out_dir`` (created)."""
-    summaries = summarise(merged.rows)
+    metric = headline_metric(merged.rows)
+    summaries = summarise(merged.rows, metric)
     order = [s.strategy for s in ranked(summaries)]
     comparisons = compare_all_pairs(per_trial_auc(summaries), order)
     first = merged.runs[0]
@@ -366,6 +418,12 @@ def write_merged_report(merged: MergedRuns, out_dir: Path) -> ReportResult:
         accuracy=accuracy_table(summaries, num_labeled),
         times=time_table(summaries, merged.rows),
         runs=merged.runs,
+        metric=metric,
+        others={
+            other: accuracy_table(summarise(merged.rows, other), num_labeled, order)
+            for other in (merged.rows[0] if merged.rows else ())
+            if other.startswith("test_") and other != metric
+        },
     )
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

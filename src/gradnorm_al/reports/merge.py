@@ -87,11 +87,17 @@ class MergedRuns:
     owner: dict[str, Path]  # strategy -> the run folder it comes from
 
 
+def _test_metrics(run: RunFolder) -> list[str]:
+    """The test metric columns of a run's results (test_accuracy; test_miou, ...)."""
+    return [key for key in run.rows[0] if key.startswith("test_")]
+
+
 def merge_runs(runs: list[RunFolder]) -> MergedRuns:
     """Check that ``runs`` can be compared and keep their complete curves.
 
     Refused (one-line ConfigError): a strategy in two runs, a protocol key that differs (named),
-    different seeds per trial, or different labelled fractions per cycle.
+    different metric columns (a classification and a segmentation run), different seeds per
+    trial, or different labelled fractions per cycle.
     """
     if not runs:
         raise ConfigError("give at least one run folder")
@@ -118,6 +124,14 @@ def merge_runs(runs: list[RunFolder]) -> MergedRuns:
             raise ConfigError(
                 f"seeds per trial differ: {first.path} used seed {a} + trial but {run.path} "
                 f"used {b} + trial; merge only runs made with the same --seed"
+            )
+    measured = [(run, _test_metrics(run)) for run in runs if run.rows]
+    for run, metrics in measured[1:]:
+        if metrics != measured[0][1]:
+            raise ConfigError(
+                f"the runs measure different metrics: {measured[0][0].path} has "
+                f"{', '.join(measured[0][1])} but {run.path} has {', '.join(metrics)} (one is "
+                "a classification run, the other a segmentation run?); merge runs of one task"
             )
     seeds: dict[int, tuple[int, Path]] = {}
     for run in runs:
