@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomise_bn
+from conftest import make_context, randomise_bn
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -21,7 +21,7 @@ from gradnorm_al._torch import seeded_torch
 from gradnorm_al.data.shapes import synthetic_shapes
 from gradnorm_al.models import create_model
 from gradnorm_al.models.fcn import FCNSmall
-from gradnorm_al.strategies import STRATEGIES, SelectionContext, create_strategy
+from gradnorm_al.strategies import STRATEGIES, create_strategy
 from gradnorm_al.strategies.mc_dropout import (
     DROPOUT_TYPES,
     bald_scores,
@@ -51,16 +51,9 @@ def _pool(n: int = 10, size: int = 8, seed: int = 0) -> TensorDataset:
 
 
 def _ctx(model, pool, candidates, labeled=(), *, reduction="mean", seed=0, batch_size=4):
-    return SelectionContext(
-        model=model,
-        pool=pool,
-        candidates=np.asarray(candidates, dtype=np.int64),
-        labeled=np.asarray(labeled, dtype=np.int64),
-        num_classes=C,
-        device=torch.device("cpu"),
-        rng=np.random.default_rng(seed),
-        batch_size=batch_size,
-        task=SegmentationTask(C, reduction=reduction),
+    task = SegmentationTask(C, reduction=reduction)
+    return make_context(
+        model, pool, candidates, labeled, seed=seed, num_classes=C, batch_size=batch_size, task=task
     )
 
 
