@@ -127,6 +127,7 @@ def make_context(
     num_classes: int = 10,
     batch_size: int = 128,
     trainer=None,
+    task=None,
 ):
     """A SelectionContext on the CPU with a seeded rng and int64 index arrays."""
     from gradnorm_al.strategies import SelectionContext
@@ -141,6 +142,7 @@ def make_context(
         rng=np.random.default_rng(seed),
         batch_size=batch_size,
         trainer=trainer,
+        task=task,
     )
 
 

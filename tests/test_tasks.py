@@ -23,6 +23,7 @@ from gradnorm_al import (
 from gradnorm_al.data.shapes import synthetic_shapes
 from gradnorm_al.experiment.results import ResultsStore
 from gradnorm_al.loop import LoopConfig, run_trial
+from gradnorm_al.models import create_model
 from gradnorm_al.strategies import STRATEGIES, create_strategy, dense_strategies
 from gradnorm_al.strategies.gradnorm import entropy_loss
 from gradnorm_al.tasks import confusion_matrix, miou_and_pixel_accuracy, reduce_elements
@@ -211,23 +212,40 @@ def test_synthetic_shapes_are_seeded():
     assert not torch.equal(masks, synthetic_shapes(4, 12, seed=4)[1])
 
 
-#: what runs on segmentation: strategies that reduce per-pixel scores with the task's reduction
-DENSE = {"random", "entropy", "margin", "least-confidence", "entropy-gradnorm"}
+#: what runs on segmentation: strategies that reduce per-pixel scores with the task's reduction,
+#: diversity on pooled features or the classifier's gradient, and vaal (images only)
+DENSE = {
+    "random",
+    "entropy",
+    "margin",
+    "least-confidence",
+    "entropy-gradnorm",
+    "mc-dropout",
+    "core-set",
+    "badge",
+    "vaal",
+}
 SPECS = [*STRATEGIES.names(), "entropy@power", "entropy-gradnorm@kmeans++", "margin@k-center"]
+#: CPU-sized settings for the strategies that sample or train something
+TINY = {
+    "mc-dropout": {"samples": 3},
+    "vaal": {"iterations": 2, "batch_size": 4, "latent_dim": 4, "width": 4, "hidden": 8},
+}
 
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_every_strategy_runs_or_refuses_on_segmentation(spec):
     x, masks = _toy(12)
     name = spec.partition("@")[0]
-    runs = name in DENSE and not spec.endswith(("kmeans++", "k-center"))
+    runs = name in DENSE
 
     def learner():
+        # fcn-small: the diversity strategies need its embed / 1x1 classifier
         return ActiveLearner(
-            TinyFCN,
+            lambda: create_model("fcn-small", num_classes=3, in_channels=3, width=4),
             TensorDataset(x, masks),
             SegmentationTask(3),
-            create_strategy(spec),
+            create_strategy(spec, **TINY.get(name, {})),
             train=TrainConfig(epochs=1, batch_size=4),
         )
 

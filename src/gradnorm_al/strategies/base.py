@@ -87,21 +87,23 @@ class Strategy:
     ``[N, C, H, W]``, one prediction per pixel), reducing per-pixel scores to one per sample with
     ``ctx.reduce``. Strategies that need one ``[N, C]`` prediction, feature vector or vote per
     sample leave it False and are refused for such tasks by :func:`check_task` (one check, run by
-    :meth:`query` and by the learner when it is built); a strategy with a reason of its own
-    overrides :meth:`unsupported_task`.
+    :meth:`query` and by the learner when it is built), with ``dense_reason`` as the reason; a
+    strategy whose answer depends on its settings overrides :meth:`unsupported_task`.
     """
 
     name: str = "strategy"
     supports_dense: bool = False
+    #: why a strategy with ``supports_dense = False`` cannot run on a dense task (one clause)
+    dense_reason: str = (
+        "it needs one prediction [N, C] (or one feature vector, vote or loss) per sample, and "
+        "this task predicts per pixel"
+    )
 
     def unsupported_task(self, task: Task | None) -> str | None:
         """Why this strategy cannot run on ``task`` (None: it can; a None task is
         classification)."""
         if task is not None and task.dense and not self.supports_dense:
-            return (
-                "it needs one prediction [N, C] (or one feature vector, vote or loss) per sample, "
-                "and this task predicts per pixel"
-            )
+            return self.dense_reason
         return None
 
     def prepare_model(self, model: nn.Module) -> nn.Module:

@@ -170,6 +170,11 @@ class EGLStrategy(ScoringStrategy):
     """Top-K candidates by :func:`expected_gradient_lengths`."""
 
     nonnegative_scores = True  # norms, entropies, disagreements
+    dense_reason = (
+        "the expected gradient length sums a gradient norm over every possible label, and a "
+        "segmentation label is a whole mask (C ** pixels of them): intractable; use "
+        "entropy-gradnorm"
+    )
 
     def __init__(self, norm: Annotated[str, OneOf(EGL_NORMS)] = "l2") -> None:
         self.norm = norm

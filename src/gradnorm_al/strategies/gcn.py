@@ -212,6 +212,11 @@ class _SequentialGCNStrategy(Strategy):
     constraints, which ``create_strategy`` checks."""
 
     _label = "gcn"
+    dense_reason = (
+        "not implemented for dense tasks: the published method builds its graph from a "
+        "classifier's penultimate features, and pooled segmentation features are untested here "
+        "(core-set uses them)"
+    )
 
     hidden: PositiveInt = DEFAULT_HIDDEN
     dropout: Annotated[float, Range(ge=0.0, lt=1.0)] = DEFAULT_DROPOUT

@@ -240,6 +240,11 @@ class LL4ALStrategy(ScoringStrategy):
         reaches the task model (published 120 of 200 epochs = 0.6).
     """
 
+    dense_reason = (
+        "its loss-prediction module is implemented and checked for one classification loss per "
+        "sample only; predicting an image's reduced pixel loss is not implemented"
+    )
+
     def __init__(
         self,
         margin: NonNegativeFloat = 1.0,

@@ -91,6 +91,10 @@ class QBCStrategy(ScoringStrategy):
     """
 
     nonnegative_scores = True  # norms, entropies, disagreements
+    dense_reason = (
+        "its committee disagreement (vote entropy, KL) is implemented for one prediction per "
+        "sample only; a per-pixel committee is not implemented"
+    )
 
     def __init__(
         self,

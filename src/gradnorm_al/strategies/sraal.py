@@ -113,6 +113,12 @@ class SRAALStrategy(ScoringStrategy):
     (lambda1), ``classifier_weight`` 1 (lambda2), ``adversary_param`` 1 (lambda3), ``hidden`` 512.
     """
 
+    dense_reason = (
+        "its target learner classifies the VAE latent into one label per sample and its "
+        "uncertainty indicator needs one softmax [C] per sample; a segmentation label is a mask "
+        "(vaal, its unsupervised counterpart, runs on segmentation)"
+    )
+
     def __init__(
         self,
         iterations: int | None = 100,

@@ -17,6 +17,13 @@ selection trains fresh networks (seeded from ``ctx.rng``); nothing persists acro
 
 The unlabelled set is the context's candidates (all unlabelled samples unless the loop draws a
 candidate subset; the published code uses every unlabelled sample).
+
+Dense tasks (segmentation, as in the VAAL paper's Cityscapes experiment): nothing changes, the
+networks see the images alone (never the masks or the task model's output). The VAE sizes itself
+to the images (:func:`gradnorm_al.strategies.vae.vae_layout`) with at most four stride-2 stages,
+so its linear layers grow with the image area: at ``width`` 128 a 512x1024 image gives each latent
+head 67 M parameters and the decoder's first layer 277 M (433 M in all: 1.7 GB in float32, three
+times that with Adam's state); shrink ``width`` or the images for large inputs.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ class VAALStrategy(ScoringStrategy):
     ``batch_size`` 128, ``latent_dim`` 32, ``width`` 128, ``num_vae_steps`` 2, ``num_adv_steps``
     1, ``lr`` 5e-4, ``beta`` 1, ``adversary_param`` 1, ``hidden`` 512.
     """
+
+    supports_dense = True  # images only: the task model and its outputs are never used
 
     def __init__(
         self,
