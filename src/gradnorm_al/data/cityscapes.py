@@ -59,7 +59,7 @@ MASK_SUFFIX = "_gtFine_labelIds.png"
 SPLITS = {"pool": "train", "test": "val"}
 _NOT_AN_ID = -1  # in the lookup table: a value that is no official label id
 _FETCH = (
-    f"download {' and '.join(ARCHIVES)} from https://www.cityscapes-dataset.com (a free login) "
+    f"download {' and '.join(ARCHIVES)} from https://www.cityscapes-dataset.com (needs a login) "
     "and unzip both into {root}"
 )
 
