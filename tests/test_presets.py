@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from importlib import resources
+
+import pytest
 import yaml
 
 from gradnorm_al.cli import main
+from gradnorm_al.errors import ConfigError
 from gradnorm_al.experiment import load_preset, preset_names
+from gradnorm_al.experiment.presets import preset_description
 from gradnorm_al.experiment.runner import validate_names
+from gradnorm_al.strategies import check_task, create_strategy
+from gradnorm_al.tasks import SegmentationTask
 
 PAPER = ["paper-caltech101", "paper-cifar10", "paper-cifar100", "paper-imagenet", "paper-svhn"]
 
 
 def test_every_preset_is_valid_and_the_paper_ones_follow_the_published_protocol():
-    assert preset_names() == sorted([*PAPER, "fmnist", "mnist"])
+    assert preset_names() == sorted([*PAPER, "paper-cityscapes", "fmnist", "mnist"])
     for name in preset_names():
         config = load_preset(name)
         validate_names(config)  # every strategy and model exists
@@ -38,6 +45,35 @@ def test_every_preset_is_valid_and_the_paper_ones_follow_the_published_protocol(
     for name, dataset in (("fmnist", "fashion-mnist"), ("mnist", "mnist")):
         c = load_preset(name)
         assert c.dataset == dataset and c.device == "cpu" and c.pool_size == 10000
+
+
+def test_the_cityscapes_preset_is_the_segmentation_protocol_and_says_where_numbers_come_from():
+    c = load_preset("paper-cityscapes")
+    validate_names(c)
+    assert (c.dataset, c.model, c.device) == ("cityscapes", "drn-d-22", "cuda")
+    assert c.strategies == ["random", "entropy", "entropy-gradnorm"]
+    assert (c.cycles, c.trials, c.initial_fraction, c.budget_fraction) == (7, 3, 0.10, 0.05)
+    assert (c.epochs, c.lr, c.momentum, c.weight_decay, c.milestones, c.batch_size) == (
+        50,
+        0.01,
+        0.9,
+        1e-4,
+        [40],
+        8,
+    )
+    assert c.subset_size is None and not c.reinit_each_cycle and c.score_batch_size == 8
+    task = SegmentationTask(19)
+    for name in c.strategies:  # every strategy runs on the dense task
+        check_task(create_strategy(name), task)
+    with pytest.raises(ConfigError, match="expected-gradnorm"):
+        check_task(create_strategy("expected-gradnorm"), task)
+    # 10% of 2,975 then +5% per cycle: 298 images, +149 per cycle, to 1,192 (40%)
+    assert c.loop_config().budget(2975) == 149 and round(0.10 * 2975) == 298
+    description = preset_description("paper-cityscapes")
+    assert "DRN authors' defaults" in description and "our choices" in description
+    text = (resources.files("gradnorm_al") / "presets" / "paper-cityscapes.yaml").read_text()
+    for fact in ("xulabs/aitom", "fyu/drn", "688x688", "our choice", "from scratch"):
+        assert fact in text, fact
 
 
 def test_presets_command_and_unknown_names(capsys):

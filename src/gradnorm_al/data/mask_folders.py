@@ -67,9 +67,9 @@ def _size(path: Path) -> tuple[int, int]:
         raise DataError(f"cannot read {path} ({type(err).__name__}: {err}); replace it") from err
 
 
-def read_mask(path: str | Path, num_classes: int, ignore_index: int = 255) -> np.ndarray:
-    """int64 [H, W] class indices of the index PNG ``path``; :class:`DataError` naming the file
-    for a colour mask or a value that is neither a class nor ``ignore_index``."""
+def read_index_image(path: str | Path) -> np.ndarray:
+    """int64 [H, W]: the values of the index image ``path`` (palette indices or grey levels),
+    unchecked; :class:`DataError` naming the file for a colour image or an unreadable file."""
     from PIL import Image
 
     try:
@@ -79,9 +79,15 @@ def read_mask(path: str | Path, num_classes: int, ignore_index: int = 255) -> np
                     f"mask {path} is a {im.mode} image; masks must be index images (palette 'P' "
                     "or greyscale 'L' PNGs whose values are the classes): map colours to indices"
                 )
-            mask = np.asarray(im).astype(np.int64)
+            return np.asarray(im).astype(np.int64)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot read mask {path} ({type(err).__name__}: {err})") from err
+
+
+def read_mask(path: str | Path, num_classes: int, ignore_index: int = 255) -> np.ndarray:
+    """int64 [H, W] class indices of the index PNG ``path``; :class:`DataError` naming the file
+    for a colour mask or a value that is neither a class nor ``ignore_index``."""
+    mask = read_index_image(path)
     problem = mask_value_problem(mask, num_classes, ignore_index)
     if problem is not None:
         raise DataError(f"mask {path}: {problem}; fix the mask or num_classes")
