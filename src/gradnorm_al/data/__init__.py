@@ -1,6 +1,6 @@
 """Dataset readers behind one registry: ``load_dataset(name, root, download)``."""
 
-from . import digits, folders, idx, vision  # noqa: F401  (register the readers)
+from . import brain_mri, digits, folders, idx, mask_folders, vision  # noqa: F401  (readers)
 from .base import DATASETS, DatasetBundle, check_labels, load_dataset, tensor_dataset
 from .batching import iter_batches
 
