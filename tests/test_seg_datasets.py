@@ -382,7 +382,7 @@ def test_a_mask_value_outside_the_classes_names_the_mask(tmp_path):
 
 
 def test_maskfolder_runs_end_to_end_with_fcn_small(tmp_path):
-    _mask_folder(tmp_path / "data", 12)
+    _mask_folder(tmp_path / "data", 12, size=12)
     _classes(tmp_path / "data")
     config = ExperimentConfig(
         dataset="maskfolder",
@@ -390,7 +390,7 @@ def test_maskfolder_runs_end_to_end_with_fcn_small(tmp_path):
         strategies=["random", "entropy-gradnorm"],
         trials=1,
         cycles=2,
-        epochs=2,
+        epochs=1,
         lr=0.05,
         batch_size=4,
         initial_fraction=0.3,
