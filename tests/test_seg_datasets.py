@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import gzip
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -316,13 +317,16 @@ def test_registry_has_both_datasets_and_maskfolder_needs_its_folder():
 
 def test_classes_file_missing_or_malformed_is_an_error_naming_it(tmp_path):
     _mask_folder(tmp_path, 4)
-    with pytest.raises(DataError, match=rf"{tmp_path / CLASSES_FILE} not found; create it"):
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / CLASSES_FILE} not found; create")):
         load_dataset("maskfolder", tmp_path)
     _classes(tmp_path, "background\n\ncircle\n")
     with pytest.raises(DataError, match=r"classes\.txt, line 2: blank"):
         load_dataset("maskfolder", tmp_path)
     _classes(tmp_path, "background\ncircle\ncircle\n")
     with pytest.raises(DataError, match=r"line 3: class 'circle' is listed twice"):
+        load_dataset("maskfolder", tmp_path)
+    _classes(tmp_path, "background\n")
+    with pytest.raises(DataError, match=r"classes\.txt: 1 class\(es\); .* at least two"):
         load_dataset("maskfolder", tmp_path)
     _classes(tmp_path, " background \r\nrectangle\ncircle\n\n\n")
     assert read_class_names(tmp_path / CLASSES_FILE) == ("background", "rectangle", "circle")
@@ -342,7 +346,8 @@ def test_one_folder_is_split_once_with_a_fixed_seed(tmp_path):
         bundle.image_size == (16, 16) and bundle.in_channels == 3 and bundle.task == "segmentation"
     )
     image, mask = bundle.test[0]
-    assert image.shape == (3, 16, 16) and mask.shape == (16, 16)
+    assert image.shape == (3, 16, 16)
+    assert torch.equal(mask, synthetic_shapes(10, 16, seed=0)[1][test[0]])  # image test[0]
 
 
 def test_train_and_test_folders_are_used_as_given(tmp_path):
