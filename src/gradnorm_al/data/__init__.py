@@ -1,6 +1,14 @@
 """Dataset readers behind one registry: ``load_dataset(name, root, download)``."""
 
-from . import cityscapes, digits, folders, idx, vision  # noqa: F401  (register the readers)
+from . import (  # noqa: F401  (register the readers)
+    brain_mri,
+    cityscapes,
+    digits,
+    folders,
+    idx,
+    mask_folders,
+    vision,
+)
 from .base import DATASETS, DatasetBundle, check_labels, load_dataset, tensor_dataset
 from .batching import iter_batches
 

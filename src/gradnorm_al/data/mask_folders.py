@@ -14,6 +14,9 @@ masks are refused: map their colours to indices first.
 :func:`mask_folder_splits` reads ``DIR/train`` and ``DIR/test`` (or ``DIR/val``) when they exist,
 each with the layout above, else ``DIR`` itself as the one split ``"all"``.
 
+The registered dataset ``maskfolder`` (:func:`load_maskfolder`) reads ``--data-root DIR`` this
+way, with the class names in ``DIR/classes.txt``.
+
 Pairing and sizes are checked when the dataset is built (from the file headers, nothing
 decoded); mask values when an item is read, so images and masks are decoded one at a time. Every
 problem is a :class:`~gradnorm_al.errors.DataError` naming the file and the fix.
@@ -26,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from ..errors import ConfigError, DataError
-from .base import mask_value_problem
+from .base import DATASETS, DatasetBundle, mask_value_problem
 from .folders import load_rgb
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -133,9 +136,11 @@ class MaskFolder(Dataset):
         self.stems = sorted(images)
         self.image_paths = [image_dir / images[s] for s in self.stems]
         self.mask_paths = [mask_dir / masks[s] for s in self.stems]
+        self.sizes: list[tuple[int, int]] = []  # (width, height) of item i, from the headers
         for image, mask in zip(self.image_paths, self.mask_paths):
-            if _size(image) != _size(mask):
-                (w, h), (mw, mh) = _size(image), _size(mask)
+            (w, h), (mw, mh) = _size(image), _size(mask)
+            self.sizes.append((w, h))
+            if (w, h) != (mw, mh):
                 raise DataError(
                     f"mask {mask} is {mw}x{mh} pixels but its image {image} is {w}x{h}; masks "
                     "must be the size of their images"
@@ -175,3 +180,102 @@ def mask_folder_splits(
         "train": MaskFolder(root / "train", num_classes, ignore_index),
         "test": MaskFolder(test, num_classes, ignore_index),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# the registered dataset ``maskfolder``
+
+#: the file in ``--data-root`` that names the classes, one per line (line k: class k)
+CLASSES_FILE = "classes.txt"
+#: a folder without train/ and test/ is split once: this fraction (rounded, at least 1) is the
+#: test set, drawn with this seed
+TEST_FRACTION = 0.2
+SPLIT_SEED = 0
+
+
+def read_class_names(path: str | Path) -> tuple[str, ...]:
+    """The class names of ``path``, one per line (surrounding spaces and blank lines at the
+    end dropped). :class:`DataError` naming the file for a missing file, a blank line between
+    names, a name given twice, or fewer than two classes."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"{path} not found; create it with one class name per line, in the order of the "
+            "mask values (line 1: class 0, usually background)"
+        )
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read {path} ({err}); save it as UTF-8 text") from err
+    names = [line.strip() for line in lines]
+    while names and not names[-1]:
+        names.pop()
+    for number, name in enumerate(names, 1):
+        if not name:
+            raise DataError(f"{path}, line {number}: blank; give one class name per line")
+        if name in names[: number - 1]:
+            raise DataError(f"{path}, line {number}: class {name!r} is listed twice")
+    if len(names) < 2:
+        raise DataError(f"{path}: {len(names)} class(es); a segmentation needs at least two")
+    return tuple(names)
+
+
+@DATASETS.register("maskfolder")
+def load_maskfolder(root: Path | None = None, download: bool = False) -> DatasetBundle:
+    """Segmentation data from ``--data-root DIR``: ``DIR/classes.txt`` (the classes, one per
+    line) and the layout of :func:`mask_folder_splits`. A ``DIR`` without ``train/`` is split
+    once, :data:`TEST_FRACTION` of its images at random (:data:`SPLIT_SEED`) for the test set.
+
+    All images must have one size (training and evaluation batches stack them): a folder with
+    several sizes is refused, naming two files, rather than resampled, since resampling masks
+    would change the annotations that the test set is scored on. Nothing is resized or
+    augmented; images are RGB in [0, 1], masks read when an item is (the oracle reads them one
+    at a time); mask value 255 marks ignored pixels. Nothing is downloaded.
+    """
+    if root is None:
+        raise DataError(
+            f"maskfolder needs --data-root DIR: a folder holding {CLASSES_FILE} and "
+            "images/ + masks/ (or train/ and test/, each holding images/ + masks/)"
+        )
+    root = Path(root)
+    classes = read_class_names(root / CLASSES_FILE)
+    splits = mask_folder_splits(root, len(classes))
+    train: Dataset
+    test: Dataset
+    if "all" in splits:
+        everything = splits["all"]
+        if len(everything) < 2:
+            raise DataError(
+                f"maskfolder: {root} holds {len(everything)} image; a training pool and a test "
+                "set need at least two"
+            )
+        order = np.random.default_rng(SPLIT_SEED).permutation(len(everything))
+        n_test = max(1, round(TEST_FRACTION * len(everything)))
+        test_idx, train_idx = np.sort(order[:n_test]), np.sort(order[n_test:])
+        train, test = Subset(everything, train_idx.tolist()), Subset(everything, test_idx.tolist())
+        files = [(everything.image_paths[i], everything.sizes[i]) for i in range(len(everything))]
+    else:
+        train, test = splits["train"], splits["test"]
+        files = [(p, s) for d in (train, test) for p, s in zip(d.image_paths, d.sizes)]
+    first_path, (width, height) = files[0]
+    for path, size in files:
+        if size != (width, height):
+            raise DataError(
+                f"maskfolder: {path} is {size[0]}x{size[1]} pixels but {first_path} is "
+                f"{width}x{height}; batches stack images, so resize or crop all images and "
+                "masks to one size first (masks with nearest-neighbour resampling)"
+            )
+    return DatasetBundle(
+        name="maskfolder",
+        train=train,
+        train_eval=train,
+        test=test,
+        train_targets=None,
+        test_targets=None,
+        num_classes=len(classes),
+        in_channels=3,
+        image_size=(height, width),
+        default_model="fcn-small",
+        task="segmentation",
+        class_names=classes,
+    )
