@@ -235,10 +235,10 @@ def segmentation_demo_config() -> ExperimentConfig:
         model="fcn-small",
         strategies=["random", "entropy-gradnorm", "entropy"],
         trials=3,
-        cycles=6,
-        initial_fraction=0.05,
+        cycles=7,
+        initial_fraction=0.10,
         budget_fraction=0.05,
         epochs=20,
         lr=0.05,
-        batch_size=16,
+        batch_size=8,
     )
