@@ -1,6 +1,6 @@
 """Dataset readers behind one registry: ``load_dataset(name, root, download)``."""
 
-from . import digits, folders, idx, vision  # noqa: F401  (register the readers)
+from . import digits, folders, idx, subtomograms, vision  # noqa: F401  (register the readers)
 from .base import DATASETS, DatasetBundle, check_labels, load_dataset, tensor_dataset
 from .batching import iter_batches
 
