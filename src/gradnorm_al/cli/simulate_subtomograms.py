@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..data.subtomograms import SimulationParams, simulate_subtomograms, write_simulation
 from ..data.subtomograms.files import check_out_dir
+from ..data.subtomograms.simulate import class_structures
 from ..data.subtomograms.structures import BUILTIN_STRUCTURES
 from ..errors import ConfigError
 from .common import make_log, parse_int
@@ -157,10 +158,11 @@ def execute(args: argparse.Namespace) -> int:
     log = make_log(args.quiet)
     out = Path(args.out)
     check_out_dir(out, args.overwrite)  # before the work, not after
+    structures_read = class_structures(params)  # a bad structure file fails before the log
     total = params.classes * params.per_class
     log(f"simulating {total} subtomograms of {params.size}^3 voxels ({params.classes} classes)")
     started = time.perf_counter()
-    sim = simulate_subtomograms(params)
+    sim = simulate_subtomograms(params, structures=structures_read)
     write_simulation(sim, out, overwrite=args.overwrite)
     seconds = time.perf_counter() - started
     print(

@@ -23,7 +23,8 @@ series at angles ``lo..hi`` fill the Fourier planes perpendicular to those beam 
 frequency ``(kz, ky, kx)`` is measured when the plane that contains it and the ky axis has its
 beam angle ``a = atan(-kz / kx)`` (in (-90, 90]) inside ``[lo, hi]``: for a symmetric range
 ``+-t``, exactly where ``|kz| <= tan(t) |kx|``. The rest, a double wedge around the kz axis
-that extends along ky, is zeroed. The boundary planes are kept.
+that extends along ky, is zeroed. The boundary planes are kept (and on the Nyquist planes of
+an even box, see :func:`wedge_mask`).
 """
 
 from __future__ import annotations
@@ -163,23 +164,41 @@ def _rfft_frequencies(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarr
     return kz, ky, kx
 
 
-def wedge_mask(
-    shape: tuple[int, int, int], tilt: tuple[float, float] = (-60.0, 60.0)
-) -> np.ndarray:
-    """bool [D, H, W // 2 + 1] in ``numpy.fft.rfftn``'s layout: True where a tilt series over
-    ``tilt = (lo, hi)`` degrees measures the frequency (see the module docstring)."""
-    lo, hi = (float(t) for t in tilt)
-    kz, _, kx = _rfft_frequencies(shape)
-    kz, kx = np.broadcast_arrays(kz, kx)
-    alpha = np.degrees(np.arctan2(-kz, kx))  # in (-180, 180]; kx >= 0 in the rfft half
+def _tilt_kept(kz: np.ndarray, kx: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Whether the frequency (kz, kx) (any real numbers) lies in a plane of a tilt in [lo, hi]."""
+    alpha = np.degrees(np.arctan2(-kz, kx))  # in (-180, 180]
     alpha = np.where(alpha > 90.0, alpha - 180.0, alpha)
     alpha = np.where(alpha <= -90.0, alpha + 180.0, alpha)  # now in (-90, 90]
     eps = 1e-9
     kept = (alpha >= lo - eps) & (alpha <= hi + eps)
     if lo <= -90.0 + eps:  # the plane at -90 degrees is the one at +90
         kept |= alpha >= 90.0 - eps
-    kept |= (kz == 0) & (kx == 0)  # the ky axis lies in every plane
-    return np.broadcast_to(kept, (shape[0], shape[1], shape[2] // 2 + 1)).copy()
+    return kept | ((kz == 0) & (kx == 0))  # the ky axis lies in every plane
+
+
+def wedge_mask(
+    shape: tuple[int, int, int], tilt: tuple[float, float] = (-60.0, 60.0)
+) -> np.ndarray:
+    """bool [D, H, W // 2 + 1] in ``numpy.fft.rfftn``'s layout: True where a tilt series over
+    ``tilt = (lo, hi)`` degrees measures the frequency (see the module docstring).
+
+    In a box of even side the last frequency along an axis, N/2, is also -N/2 (one Fourier
+    coefficient stands for both): there it is kept only when both are measured, so the mask is
+    the same for a frequency and its negative and filtering a real volume with it removes
+    exactly the masked coefficients. (For a symmetric range ``+-t`` this changes nothing.)"""
+    lo, hi = (float(t) for t in tilt)
+    d, _, w = shape
+    kz, _, kx = _rfft_frequencies(shape)
+    kz, kx = np.broadcast_arrays(kz, kx)
+    kept = _tilt_kept(kz, kx, lo, hi)
+    if d % 2 == 0:  # kz = -d/2 is also +d/2
+        kept &= np.where(kz == -d / 2, _tilt_kept(-kz, kx, lo, hi), True)
+    if w % 2 == 0:  # kx = w/2 is also -w/2
+        kept &= np.where(kx == w / 2, _tilt_kept(kz, -kx, lo, hi), True)
+    if d % 2 == 0 and w % 2 == 0:
+        corner = (kz == -d / 2) & (kx == w / 2)
+        kept &= np.where(corner, _tilt_kept(-kz, -kx, lo, hi), True)
+    return np.broadcast_to(kept, (shape[0], shape[1], w // 2 + 1)).copy()
 
 
 def electron_wavelength(voltage_kv: float) -> float:
@@ -221,7 +240,7 @@ def ctf(shape: tuple[int, int, int], voxel_size: float, defocus_um: float) -> np
 
 def apply_fourier_filter(volume: np.ndarray, filt: np.ndarray) -> np.ndarray:
     """``irfftn(rfftn(volume) * filt)``, float64, same shape."""
-    return np.fft.irfftn(np.fft.rfftn(volume) * filt, s=volume.shape)
+    return np.fft.irfftn(np.fft.rfftn(volume) * filt, s=volume.shape, axes=(0, 1, 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,11 +281,11 @@ def simulate_one(
     spectrum = np.fft.rfftn(density)
     if ctf_filter is not None:
         spectrum = spectrum * ctf_filter
-    signal = np.fft.irfftn(spectrum * wedge, s=density.shape)
+    signal = np.fft.irfftn(spectrum * wedge, s=density.shape, axes=(0, 1, 2))
     noise = np.zeros_like(signal)
     if math.isfinite(params.snr):
         white = rng.standard_normal(density.shape)
-        noise = np.fft.irfftn(np.fft.rfftn(white) * wedge, s=density.shape)
+        noise = np.fft.irfftn(np.fft.rfftn(white) * wedge, s=density.shape, axes=(0, 1, 2))
         noise *= math.sqrt(signal.var() / (params.snr * noise.var()))
     if parts:
         return signal, noise
@@ -285,11 +304,18 @@ def sample_rng(seed: int, label: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, label, index])
 
 
-def simulate_subtomograms(params: SimulationParams | None = None, **kwargs) -> SimulatedSet:
+def simulate_subtomograms(
+    params: SimulationParams | None = None,
+    *,
+    structures: list[Atoms] | None = None,
+    **kwargs,
+) -> SimulatedSet:
     """Simulate ``params.classes * params.per_class`` subtomograms, class by class (keyword
-    arguments build the :class:`SimulationParams` when ``params`` is not given)."""
+    arguments build the :class:`SimulationParams` when ``params`` is not given; ``structures``:
+    :func:`class_structures` of ``params``, when already read)."""
     params = params if params is not None else SimulationParams(**kwargs)
-    structures = class_structures(params)
+    if structures is None:
+        structures = class_structures(params)
     filters = _filters(params)
     total = params.classes * params.per_class
     n = params.size
