@@ -1,6 +1,7 @@
 """The ``gradnorm-al`` command: argument parsing, printing and exit codes only, one module per
 command (:mod:`.demo`, :mod:`.run`, :mod:`.list`, :mod:`.presets`, :mod:`.report`,
-:mod:`.analyze`), each with ``add_parser(subparsers)`` and ``execute(args) -> exit code``."""
+:mod:`.analyze`, :mod:`.simulate_subtomograms`), each with ``add_parser(subparsers)`` and
+``execute(args) -> exit code``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import GradnormALError
-from . import analyze, demo, presets, report, run
+from . import analyze, demo, presets, report, run, simulate_subtomograms
 from . import list as list_command
 from .common import EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser, print_error
 
@@ -20,6 +21,7 @@ COMMANDS = {
     "presets": presets,
     "report": report,
     "analyze": analyze,
+    "simulate-subtomograms": simulate_subtomograms,
 }
 
 

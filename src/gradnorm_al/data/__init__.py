@@ -7,6 +7,7 @@ from . import (  # noqa: F401  (register the readers)
     folders,
     idx,
     mask_folders,
+    subtomograms,
     vision,
 )
 from .base import DATASETS, DatasetBundle, check_labels, load_dataset, tensor_dataset

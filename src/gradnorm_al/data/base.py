@@ -45,7 +45,7 @@ class DatasetBundle:
     test_targets: np.ndarray | None  # int64 [N_test] (segmentation: as train_targets)
     num_classes: int
     in_channels: int
-    image_size: tuple[int, int]
+    image_size: tuple[int, ...]  # (H, W), or (D, H, W) for volumes
     default_model: str
     task: str = "classification"
     ignore_index: int = 255  # segmentation: the mask value of unlabelled pixels
