@@ -57,7 +57,7 @@ Targets (from the issue):
 
 No target is set for the segmentation models (issue 16) and the 3-D models (issue 17): the
 numbers are reported as measured. A 32^3 volume costs about as much as a 180x180 image, so on the
-CPU the 3-D models default to ``--n 64 --batch-size 16 --loop-n 16`` (explicit flags win).
+CPU the 3-D models default to ``--n 32 --batch-size 16 --loop-n 8`` (explicit flags win).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ INPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "resnet3d": (1, 32, 32, 32),
 }
 #: CPU defaults of --n, --batch-size and --loop-n where the general ones would take too long
-CPU_DEFAULTS = {name: (64, 16, 16) for name in ("cnn3d", "resnet3d")}
+CPU_DEFAULTS = {name: (32, 16, 8) for name in ("cnn3d", "resnet3d")}
 NUM_CLASSES = 10
 #: segmentation models: Cityscapes' 19 classes
 DENSE_NUM_CLASSES = {"fcn-small": 19, "drn-d-22": 19}
@@ -117,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--n",
         type=int,
         default=None,
-        help="samples for engine and train step (default: 256 CPU (3-D models 64), 2048 CUDA)",
+        help="samples for engine and train step (default: 256 CPU (3-D models 32), 2048 CUDA)",
     )
     parser.add_argument(
         "--batch-size",
@@ -140,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--loop-n",
         type=int,
         default=None,
-        help="samples timed with the loop (default: min(N, 64) CPU (3-D: 16), 256 CUDA)",
+        help="samples timed with the loop (default: min(N, 64) CPU (3-D: 8), 256 CUDA)",
     )
     parser.add_argument(
         "--no-memory", action="store_true", help="skip the peak-memory runs (fresh processes)"

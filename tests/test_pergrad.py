@@ -214,11 +214,13 @@ CONV3D_CASES = sorted(c for c in LAYER_CASES if c.startswith("conv3d"))
 
 
 @pytest.mark.parametrize("case", CONV3D_CASES)
-@pytest.mark.parametrize("slab_positions", [1, 20])
-def test_3d_convolutions_in_slabs_of_depth_planes(case, slab_positions, monkeypatch):
+@pytest.mark.parametrize("slab_positions, block_bytes", [(1, 1), (20, 2**26)])
+def test_3d_convolutions_in_slabs_of_depth_planes(case, slab_positions, block_bytes, monkeypatch):
     """Per-sample weight gradients of 3-D convolutions summed over slabs of output depth planes:
-    one plane per slab (SLAB_POSITIONS=1), and slabs of several planes with a short last one."""
+    one plane per slab (SLAB_POSITIONS=1) in blocks of one sample, and slabs of several planes
+    with a short last one, all samples in one block."""
     monkeypatch.setattr(layer_rules, "SLAB_POSITIONS", slab_positions)
+    monkeypatch.setattr(layer_rules, "VOLUME_BLOCK_BYTES", block_bytes)
     calls = []
     folded = layer_rules._folded_weight_grads
     monkeypatch.setattr(

@@ -44,6 +44,14 @@ STRIDED_ADD_COST = 32
 #: 32 -> 32, 5.5 s and 0.84 s; no change on 16^3 and smaller maps, which are one slab)
 SLAB_POSITIONS = 4096
 
+#: the blocks of samples of a 3-D convolution's folded weight-gradient backward take up to this
+#: much (a slab's input and output gradient and the weight gradient per sample): its cost per
+#: call hardly grows with the samples in it (measured on the 2-core CPU, 32 -> 32 channels on
+#: 32^3: 585 ms per sample in blocks of 1, 89 ms in blocks of 16; cnn3d's engine on 16 samples
+#: 17-28 s with 4 MiB blocks, 10-13 s with 64 MiB). The chunk's own activations are larger:
+#: one 32-channel map of one 32^3 sample alone takes 4 MiB
+VOLUME_BLOCK_BYTES = 64 * 2**20
+
 #: materialising rules take the samples of a chunk in blocks whose temporaries (im2col rows and
 #: per-sample gradients) are about this large: memory stays bounded for large layers, and on a
 #: 2-core CPU blocks of this size were as fast as one block for the whole chunk (measured)
@@ -230,9 +238,11 @@ def _padded_channels_last(a: torch.Tensor, padding, spare_rows: int = 0) -> torc
     return out
 
 
-def _sample_blocks(n: int, per_sample_bytes: int) -> list[slice]:
-    """Consecutive blocks of the chunk's samples whose temporaries take about BLOCK_BYTES."""
-    size = max(1, min(n, BLOCK_BYTES // max(1, per_sample_bytes)))
+def _sample_blocks(n: int, per_sample_bytes: int, budget: int | None = None) -> list[slice]:
+    """Consecutive blocks of the chunk's samples whose temporaries take about ``budget`` bytes
+    (default BLOCK_BYTES)."""
+    budget = BLOCK_BYTES if budget is None else budget
+    size = max(1, min(n, budget // max(1, per_sample_bytes)))
     return [slice(i, i + size) for i in range(0, n, size)]
 
 
@@ -442,10 +452,16 @@ def _grouped_sq_norms(
     conv, a: torch.Tensor, g: torch.Tensor, padding, scale: torch.Tensor | None = None
 ) -> torch.Tensor:
     """float64 [N] weight squared norms through :func:`_per_sample_conv_weight_grads`, in blocks
-    of samples (bounded memory for the per-sample gradients)."""
-    per_sample = (a[0].numel() + g[0].numel() + conv.weight.numel()) * a.element_size()
+    of samples (bounded memory for the per-sample gradients). A 3-D convolution's temporaries are
+    one depth slab's input and output gradient per sample (see :func:`_depth_slabs`), and its
+    blocks take up to VOLUME_BLOCK_BYTES."""
+    size_a, size_g, budget = a[0].numel(), g[0].numel(), BLOCK_BYTES
+    if len(conv.kernel_size) == 3 and not conv.transposed:
+        slabs = -(-g[0, 0].numel() // SLAB_POSITIONS)  # about as many as _depth_slabs makes
+        size_a, size_g, budget = -(-size_a // slabs), -(-size_g // slabs), VOLUME_BLOCK_BYTES
+    per_sample = (size_a + size_g + conv.weight.numel()) * a.element_size()
     total = []
-    for block in _sample_blocks(a.shape[0], per_sample):
+    for block in _sample_blocks(a.shape[0], per_sample, budget):
         grads = _per_sample_conv_weight_grads(conv, a[block], g[block], padding)
         total.append(squared_norms(_scaled(grads, scale)))
     return torch.cat(total)
