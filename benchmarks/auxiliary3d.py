@@ -21,8 +21,9 @@ runs through :class:`gradnorm_al.ActiveLearner` on the same random subtomogram-s
 * ``select_s``: the query, and ``select_over_gradnorm``: its ratio to entropy-gradnorm's query.
 
 vaal / sraal train their 3-D VAE for ``--vae-iterations`` iterations of batch ``--vae-batch-size``
-at width ``--vae-width`` (the published 128 is far beyond a CPU: at 32^3 one training iteration
-of the published network and batch is several minutes here); ``s_per_vae_iteration`` is
+at width ``--vae-width`` (the published 128 is far beyond a CPU: at 32^3 one VAE step of the
+published network took 0.95 s per volume on the 2-core development machine, so one published
+iteration, two steps on 128 + 128 volumes, about 8 minutes); ``s_per_vae_iteration`` is
 ``select_s / iterations`` and ``published_iterations`` the published schedule's iteration count
 for this pool (``pool * 100 // 128``). Same seed, same model weights for every strategy.
 """

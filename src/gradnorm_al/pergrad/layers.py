@@ -397,7 +397,7 @@ def conv_rule(
             if spatial == 1:  # a 1-D convolution is a 2-D one of height 1
                 conv, a2, g2, pad2 = _As2d(module), a.unsqueeze(2), g.unsqueeze(2), [0, *padding]
             weight = _planar_conv_sq_norms(conv, a2, g2, pad2, scale)
-        elif not module.transposed:  # in blocks of samples (bounded memory)
+        elif spatial == 3 and not module.transposed:  # slabs, blocks of samples
             weight = _grouped_sq_norms(module, a, g, padding, scale)
         else:
             grads = _per_sample_conv_weight_grads(module, a, g, padding)
