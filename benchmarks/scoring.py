@@ -2,14 +2,15 @@
 
 Usage::
 
-    python benchmarks/scoring.py --model smallcnn|resnet18-cifar|fcn-small|drn-d-22
+    python benchmarks/scoring.py --model smallcnn|resnet18-cifar|fcn-small|drn-d-22|cnn3d|resnet3d
         [--device cpu|cuda] [--n N] [--batch-size B] [--repeats R] [--threads T] [--loop-n M]
         [--pin-heap] [--no-memory]
 
 Three methods are timed on the same model (random seeded weights, BatchNorm running statistics
 randomised a little, eval mode, float32) and the same random-normal inputs (1x28x28 for
 ``smallcnn``, 3x32x32 for ``resnet18-cifar``, 3x64x64 crops for the segmentation models
-``fcn-small`` and ``drn-d-22``), with the entropy loss of the GradNorm strategy (for the dense
+``fcn-small`` and ``drn-d-22``, 1x32x32x32 subtomograms for the 3-D models ``cnn3d`` and
+``resnet3d``), with the entropy loss of the GradNorm strategy (for the dense
 models: per-pixel entropy averaged over each image, ``entropy_loss``'s default reduction):
 
 (a) ``loop``: :func:`gradnorm_al.pergrad.per_sample_grad_norms_loop`, one backward per sample. It
@@ -54,7 +55,9 @@ Targets (from the issue):
 * ``loop_over_engine >= 4`` for ``smallcnn`` on the CPU;
 * on a GPU, ``loop_over_engine >= 30`` for ``resnet18-cifar`` at batch size 256.
 
-No target is set for the segmentation models (issue 16): the numbers are reported as measured.
+No target is set for the segmentation models (issue 16) and the 3-D models (issue 17): the
+numbers are reported as measured. A 32^3 volume costs about as much as a 180x180 image, so on the
+CPU the 3-D models default to ``--n 32 --batch-size 16 --loop-n 8`` (explicit flags win).
 """
 
 from __future__ import annotations
@@ -80,12 +83,16 @@ from gradnorm_al.models import create_model
 from gradnorm_al.pergrad import per_sample_grad_norms, per_sample_grad_norms_loop
 from gradnorm_al.strategies import entropy_loss
 
-INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
+INPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "smallcnn": (1, 28, 28),
     "resnet18-cifar": (3, 32, 32),
     "fcn-small": (3, 64, 64),
     "drn-d-22": (3, 64, 64),
+    "cnn3d": (1, 32, 32, 32),
+    "resnet3d": (1, 32, 32, 32),
 }
+#: CPU defaults of --n, --batch-size and --loop-n where the general ones would take too long
+CPU_DEFAULTS = {name: (32, 16, 8) for name in ("cnn3d", "resnet3d")}
 NUM_CLASSES = 10
 #: segmentation models: Cityscapes' 19 classes
 DENSE_NUM_CLASSES = {"fcn-small": 19, "drn-d-22": 19}
@@ -110,13 +117,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--n",
         type=int,
         default=None,
-        help="samples for engine and train step (default: 256 CPU, 2048 CUDA)",
+        help="samples for engine and train step (default: 256 CPU (3-D models 32), 2048 CUDA)",
     )
     parser.add_argument(
         "--batch-size",
         type=int,
         default=None,
-        help="batch size / engine chunk size (default: 64 CPU, 256 CUDA)",
+        help="batch size / engine chunk size (default: 64 CPU (3-D models 16), 256 CUDA)",
     )
     parser.add_argument(
         "--repeats", type=int, default=6, help="timed rounds after one warm-up (order rotates)"
@@ -133,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--loop-n",
         type=int,
         default=None,
-        help="samples timed with the loop (default: min(N, 64) CPU, 256 CUDA)",
+        help="samples timed with the loop (default: min(N, 64) CPU (3-D: 8), 256 CUDA)",
     )
     parser.add_argument(
         "--no-memory", action="store_true", help="skip the peak-memory runs (fresh processes)"
@@ -141,12 +148,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
+    n, batch, loop_n = (2048, 256, 256) if cuda else CPU_DEFAULTS.get(args.model, (256, 64, 64))
     if args.n is None:
-        args.n = 2048 if cuda else 256
+        args.n = n
     if args.batch_size is None:
-        args.batch_size = 256 if cuda else 64
+        args.batch_size = batch
     if args.loop_n is None:
-        args.loop_n = min(args.n, 256 if cuda else 64)
+        args.loop_n = min(args.n, loop_n)
     for name in ("n", "batch_size", "repeats", "loop_n"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")

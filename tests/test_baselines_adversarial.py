@@ -315,5 +315,5 @@ def test_invalid_settings_are_config_errors():
     with pytest.raises(PoolError, match="at least one"):
         VAALStrategy(iterations=1, **TINY)(_ctx(None, pool, cands, []), 2)
     flat = tensor_dataset(torch.randn(10, 5), np.zeros(10))
-    with pytest.raises(ConfigError, match="image inputs"):
+    with pytest.raises(ConfigError, match=r"needs images \[C, H, W\] or volumes"):
         VAALStrategy(iterations=1, **TINY)(_ctx(None, flat, np.arange(5, 10), np.arange(5)), 2)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradnorm_al import UnknownNameError, create_model
+from gradnorm_al import ConfigError, UnknownNameError, create_model
 from gradnorm_al.models import MODELS, DenseTaskModel, TaskModel
 from gradnorm_al.models.resnet_cifar import BasicBlock
 
@@ -19,6 +19,9 @@ SHAPES = {
     # dense models: odd sizes, so that the upsampling back to the input size is tested
     "fcn-small": (1, 13, 11),
     "drn-d-22": (3, 27, 21),
+    # volumes [C, D, H, W]: a small non-cubic one (the 32^3 forward is tested below)
+    "cnn3d": (1, 16, 18, 20),
+    "resnet3d": (1, 16, 18, 20),
 }
 DENSE = {"fcn-small", "drn-d-22"}
 
@@ -123,3 +126,64 @@ def test_other_input_channels_and_unknown_names():
         assert model(torch.randn(2, 1, 48, 48)).shape == (2, 3)
     with pytest.raises(UnknownNameError, match="vgg16"):
         create_model("vgg-16", num_classes=3, in_channels=3)
+
+
+def _parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_cnn3d_has_the_hand_counted_size():
+    # three blocks of two 3x3x3 convolutions without bias (1 -> 32 -> 32, 32 -> 64 -> 64,
+    # 64 -> 128 -> 128), a BatchNorm (weight + bias) after each, dense 128 -> 256, head 256 -> 10
+    convs = 27 * (1 * 32 + 32 * 32 + 32 * 64 + 64 * 64 + 64 * 128 + 128 * 128)
+    norms = 2 * (32 + 32 + 64 + 64 + 128 + 128)
+    assert convs + norms + (128 * 256 + 256) + (256 * 10 + 10) == 894_442
+    model = create_model("cnn3d", num_classes=10, in_channels=1)
+    assert _parameters(model) == 894_442
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv3d)]
+    assert [c.out_channels for c in convs] == [32, 32, 64, 64, 128, 128]
+    assert all(c.kernel_size == (3, 3, 3) and c.bias is None for c in convs)
+    assert sum(isinstance(m, nn.BatchNorm3d) for m in model.modules()) == 6
+    assert sum(isinstance(m, nn.MaxPool3d) for m in model.modules()) == 3
+    assert model.dropout.p == 0.5 and model.feature_dim == 256
+    # width scales every channel count: 8 -> 16 -> 32 channels, dense 32 -> 256
+    small = create_model("cnn3d", num_classes=4, in_channels=1, width=8)
+    convs = 27 * (8 + 8 * 8 + 8 * 16 + 16 * 16 + 16 * 32 + 32 * 32)
+    assert _parameters(small) == convs + 2 * (8 + 8 + 16 + 16 + 32 + 32) + 32 * 256 + 256 + 1028
+
+
+def test_resnet3d_has_the_hand_counted_size():
+    # stem 3x3x3 1 -> 16 + BN; one BasicBlock per stage, widths 16, 32, 64, 128; the last three
+    # stages start with stride 2 and a 1x1x1 conv + BN shortcut; linear head 128 -> 10
+    def block(c_in: int, c_out: int) -> int:
+        shortcut = c_in * c_out + 2 * c_out if c_in != c_out else 0
+        return 27 * c_in * c_out + 27 * c_out * c_out + 2 * 2 * c_out + shortcut
+
+    stem = 27 * 16 + 2 * 16
+    stages = block(16, 16) + block(16, 32) + block(32, 64) + block(64, 128)
+    assert stem + stages + 128 * 10 + 10 == 898_650
+    model = create_model("resnet3d", num_classes=10, in_channels=1)
+    assert _parameters(model) == 898_650
+    strides = [b.conv1.stride for stage in model.stages for b in stage]
+    assert strides == [(1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)]
+    assert all(isinstance(b, BasicBlock) for stage in model.stages for b in stage)
+    # ResNet-18's layout: two blocks per stage
+    deeper = create_model("resnet3d", num_classes=10, in_channels=1, num_blocks=(2, 2, 2, 2))
+    extra = block(16, 16) + block(32, 32) + block(64, 64) + block(128, 128)
+    assert _parameters(deeper) == 898_650 + extra
+
+
+@pytest.mark.parametrize("name", ["cnn3d", "resnet3d"])
+def test_volume_models_take_32_cubed_subtomograms_and_refuse_images(name):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=6, in_channels=1).eval()
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        logits = model(x)
+        assert logits.shape == (2, 6) and model.embed(x).shape == (2, model.feature_dim)
+        # samples do not interact in eval mode; another cube size (>= 16) works too
+        assert torch.allclose(model(x[1:]), logits[1:], atol=1e-5)
+        assert model(torch.randn(3, 1, 16, 16, 16)).shape == (3, 6)
+    # an image batch [N, C, H, W] would be read by Conv3d as one unbatched volume: refused
+    with pytest.raises(ConfigError, match=r"volumes \[N, C, D, H, W\].*\(1, 1, 32, 32\)"):
+        model(torch.randn(1, 1, 32, 32))

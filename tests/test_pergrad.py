@@ -118,6 +118,30 @@ LAYER_CASES = {
         lambda: nn.Sequential(nn.Conv3d(2, 3, 3, stride=(1, 2, 2), padding=1), nn.Tanh()),
         (2, 4, 5, 5),
     ),
+    "conv3d-strided-dilated-grouped": (
+        lambda: nn.Sequential(
+            nn.Conv3d(
+                4, 6, (3, 2, 3), stride=(2, 1, 2), padding=(2, 1, 0), dilation=(2, 1, 1), groups=2
+            ),
+            nn.Tanh(),
+            nn.Conv3d(6, 3, 2, padding="same", padding_mode="replicate"),
+        ),
+        (4, 7, 6, 7),
+    ),
+    "conv3d-batchnorm3d-pools": (  # eval-mode BatchNorm3d and every 3-D pooling in between
+        lambda: nn.Sequential(
+            nn.Conv3d(2, 4, 3, padding=1, bias=False),
+            nn.BatchNorm3d(4),
+            nn.ReLU(inplace=True),
+            nn.MaxPool3d(2),
+            nn.Conv3d(4, 5, 2, padding=1),
+            nn.BatchNorm3d(5),
+            nn.Tanh(),
+            nn.AvgPool3d(2, stride=1),
+            nn.AdaptiveAvgPool3d(2),
+        ),
+        (2, 6, 7, 6),
+    ),
     "conv-transpose2d": (
         lambda: nn.Sequential(
             nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), nn.Tanh()
@@ -186,6 +210,29 @@ def test_blocks_of_one_sample_and_the_default_grouped_switch(case, method, monke
     _assert_exact(model, x)
 
 
+CONV3D_CASES = sorted(c for c in LAYER_CASES if c.startswith("conv3d"))
+
+
+@pytest.mark.parametrize("case", CONV3D_CASES)
+@pytest.mark.parametrize("slab_positions, block_bytes", [(1, 1), (20, 2**26)])
+def test_3d_convolutions_in_slabs_of_depth_planes(case, slab_positions, block_bytes, monkeypatch):
+    """Per-sample weight gradients of 3-D convolutions summed over slabs of output depth planes:
+    one plane per slab (SLAB_POSITIONS=1) in blocks of one sample, and slabs of several planes
+    with a short last one, all samples in one block."""
+    monkeypatch.setattr(layer_rules, "SLAB_POSITIONS", slab_positions)
+    monkeypatch.setattr(layer_rules, "VOLUME_BLOCK_BYTES", block_bytes)
+    calls = []
+    folded = layer_rules._folded_weight_grads
+    monkeypatch.setattr(
+        layer_rules, "_folded_weight_grads", lambda *a: calls.append(1) or folded(*a)
+    )
+    make, shape = LAYER_CASES[case]
+    model, x = _net(make(), shape)
+    _assert_exact(model, x)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv3d)]
+    assert len(calls) > len(convs) * len(NORMS)  # some convolution was split
+
+
 class Tokens(nn.Module):
     """Embedding with repeated tokens and a padding index, mean-pooled into a linear head."""
 
@@ -220,6 +267,25 @@ def test_package_models(name, shape):
     model = randomise_bn(create_model(name, num_classes=10, in_channels=shape[0])).double()
     x = torch.randn(3, *shape, dtype=torch.float64)
     _assert_exact(model, x, chunk_size=2)
+
+
+@pytest.mark.parametrize("name", ["cnn3d", "resnet3d"])
+def test_volume_models(name, monkeypatch):
+    # Conv3d (strided, 1x1x1 shortcuts), eval-mode BatchNorm3d (a first-layer one too), max and
+    # adaptive average pooling, on the batched path. The first layers see 17 x 16 x 16 = 4352
+    # output positions, more than SLAB_POSITIONS: their weight gradients are summed over slabs.
+    calls = []
+    folded = layer_rules._folded_weight_grads
+    monkeypatch.setattr(
+        layer_rules, "_folded_weight_grads", lambda *a: calls.append(a[2].shape) or folded(*a)
+    )
+    torch.manual_seed(0)
+    model = randomise_bn(create_model(name, num_classes=5, in_channels=1)).double()
+    x = torch.randn(3, 1, 17, 16, 16, dtype=torch.float64)
+    _assert_exact(model, x, chunk_size=2, norms=["per-tensor"])
+    # slabs of 4096 // (16 x 16) = 16 planes and 1 plane; no full-depth call for those layers
+    depths = {tuple(shape[2:]) for shape in calls}
+    assert {(16, 16, 16), (1, 16, 16)} <= depths and (17, 16, 16) not in depths
 
 
 def dense_entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""The CIFAR ResNet-18 of the paper's code: 3x3 stem, no max-pool, BasicBlocks [2, 2, 2, 2]."""
+"""The CIFAR ResNet-18 of the paper's code: 3x3 stem, no max-pool, BasicBlocks [2, 2, 2, 2].
+
+:class:`BasicBlock` also serves the 3-D ResNet (``dims=3``, :mod:`.resnet3d`) and DRN-D."""
 
 from __future__ import annotations
 
@@ -8,24 +10,31 @@ from torch import nn
 
 from .base import MODELS, TaskModel
 
+#: convolution and BatchNorm classes by the number of spatial dimensions
+CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+BATCHNORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
 
 class BasicBlock(nn.Module):
     """Two (dilated) conv3x3-BN layers with a residual connection (1x1 conv-BN shortcut when the
-    width or the stride changes), ReLU after the first layer and after the sum."""
+    width or the stride changes), ReLU after the first layer and after the sum. ``dims=3``: the
+    same block with 3x3x3 Conv3d / BatchNorm3d (1x1x1 shortcut) for volumes [N, C, D, H, W]."""
 
     expansion = 1
 
-    def __init__(self, c_in: int, c_out: int, stride: int = 1, *, dilation: int = 1) -> None:
+    def __init__(
+        self, c_in: int, c_out: int, stride: int = 1, *, dilation: int = 1, dims: int = 2
+    ) -> None:
         super().__init__()
-        d = dilation
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=d, dilation=d, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=d, dilation=d, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
+        conv, norm, d = CONV[dims], BATCHNORM[dims], dilation
+        self.conv1 = conv(c_in, c_out, 3, stride=stride, padding=d, dilation=d, bias=False)
+        self.bn1 = norm(c_out)
+        self.conv2 = conv(c_out, c_out, 3, stride=1, padding=d, dilation=d, bias=False)
+        self.bn2 = norm(c_out)
         self.shortcut: nn.Module = nn.Sequential()
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+                conv(c_in, c_out, 1, stride=stride, bias=False), norm(c_out)
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ the layer's shapes (as in mixed ghost clipping, Bu et al. 2023)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,21 @@ IM2COL_BYTES = 2 * 2**20
 #: cost of one strided element-wise add relative to one multiply-add inside a matrix product
 #: (measured on a 2-core AVX-512 CPU); weighs the offset sums of the padded-input ghost norm
 STRIDED_ADD_COST = 32
+
+#: 3-D convolutions with more output positions than this form per-sample weight gradients in
+#: slabs of output depth planes of about this many positions, summed: oneDNN's weight-gradient
+#: kernel slows down several-fold per position over long reductions (measured on the 2-core CPU,
+#: 16 samples of 32^3: 16 -> 16 channels 3x3x3, 2.7 s in one call, 0.56 s in slabs of 4 planes;
+#: 32 -> 32, 5.5 s and 0.84 s; no change on 16^3 and smaller maps, which are one slab)
+SLAB_POSITIONS = 4096
+
+#: the blocks of samples of a 3-D convolution's folded weight-gradient backward take up to this
+#: much (a slab's input and output gradient and the weight gradient per sample): its cost per
+#: call hardly grows with the samples in it (measured on the 2-core CPU, 32 -> 32 channels on
+#: 32^3: 585 ms per sample in blocks of 1, 89 ms in blocks of 16; cnn3d's engine on 16 samples
+#: 17-28 s with 4 MiB blocks, 10-13 s with 64 MiB). The chunk's own activations are larger:
+#: one 32-channel map of one 32^3 sample alone takes 4 MiB
+VOLUME_BLOCK_BYTES = 64 * 2**20
 
 #: materialising rules take the samples of a chunk in blocks whose temporaries (im2col rows and
 #: per-sample gradients) are about this large: memory stays bounded for large layers, and on a
@@ -126,7 +141,37 @@ def _conv_input(module: nn.modules.conv._ConvNd, a: torch.Tensor) -> tuple[torch
 
 def _per_sample_conv_weight_grads(module, a, g, padding) -> torch.Tensor:
     """[N, *weight.shape] per-sample weight gradients by one convolution backward in which the
-    batch is folded into the groups (sample n's channels form their own groups)."""
+    batch is folded into the groups (sample n's channels form their own groups); for a 3-D
+    convolution with more than SLAB_POSITIONS output positions, one such backward per slab of
+    output depth planes, summed (see :func:`_depth_slabs`)."""
+    if module.transposed or len(module.kernel_size) != 3 or g[0, 0].numel() <= SLAB_POSITIONS:
+        return _folded_weight_grads(module, a, g, padding)
+    total = None
+    for a_slab, g_slab, slab_padding in _depth_slabs(module, a, g, padding):
+        grads = _folded_weight_grads(module, a_slab, g_slab, slab_padding)
+        total = grads if total is None else total.add_(grads)
+    return total
+
+
+def _depth_slabs(
+    module, a: torch.Tensor, g: torch.Tensor, padding
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+    """(input slab, output-gradient slab, padding) of a 3-D convolution, slabs of consecutive
+    output depth planes with about SLAB_POSITIONS output positions each. The weight gradient is a
+    sum over output positions, so it is the sum of the slabs' weight gradients; output planes
+    [o0, o1) read the input planes [o0 s, (o1 - 1) s + d (k - 1) + 1) of the input zero-padded in
+    depth (the padding left to the convolution is zeros: see :func:`_conv_input`)."""
+    k, s, d = module.kernel_size[0], module.stride[0], module.dilation[0]
+    a = F.pad(a, (0, 0, 0, 0, padding[0], padding[0]))
+    planes = max(1, SLAB_POSITIONS // (g.shape[3] * g.shape[4]))
+    rest = [0, *padding[1:]]
+    for o0 in range(0, g.shape[2], planes):
+        o1 = min(g.shape[2], o0 + planes)
+        yield a[:, :, o0 * s : (o1 - 1) * s + d * (k - 1) + 1], g[:, :, o0:o1], rest
+
+
+def _folded_weight_grads(module, a, g, padding) -> torch.Tensor:
+    """[N, *weight.shape]: one convolution backward with the batch folded into the groups."""
     n = a.shape[0]
     w = module.weight
     # only the weight's shape matters for the weight gradient: a zero-stride stand-in costs nothing
@@ -193,9 +238,11 @@ def _padded_channels_last(a: torch.Tensor, padding, spare_rows: int = 0) -> torc
     return out
 
 
-def _sample_blocks(n: int, per_sample_bytes: int) -> list[slice]:
-    """Consecutive blocks of the chunk's samples whose temporaries take about BLOCK_BYTES."""
-    size = max(1, min(n, BLOCK_BYTES // max(1, per_sample_bytes)))
+def _sample_blocks(n: int, per_sample_bytes: int, budget: int | None = None) -> list[slice]:
+    """Consecutive blocks of the chunk's samples whose temporaries take about ``budget`` bytes
+    (default BLOCK_BYTES)."""
+    budget = BLOCK_BYTES if budget is None else budget
+    size = max(1, min(n, budget // max(1, per_sample_bytes)))
     return [slice(i, i + size) for i in range(0, n, size)]
 
 
@@ -350,6 +397,8 @@ def conv_rule(
             if spatial == 1:  # a 1-D convolution is a 2-D one of height 1
                 conv, a2, g2, pad2 = _As2d(module), a.unsqueeze(2), g.unsqueeze(2), [0, *padding]
             weight = _planar_conv_sq_norms(conv, a2, g2, pad2, scale)
+        elif spatial == 3 and not module.transposed:  # slabs, blocks of samples
+            weight = _grouped_sq_norms(module, a, g, padding, scale)
         else:
             grads = _per_sample_conv_weight_grads(module, a, g, padding)
             weight = squared_norms(grads if scale is None else _scale_out(grads, module, scale))
@@ -403,10 +452,16 @@ def _grouped_sq_norms(
     conv, a: torch.Tensor, g: torch.Tensor, padding, scale: torch.Tensor | None = None
 ) -> torch.Tensor:
     """float64 [N] weight squared norms through :func:`_per_sample_conv_weight_grads`, in blocks
-    of samples (bounded memory for the per-sample gradients)."""
-    per_sample = (a[0].numel() + g[0].numel() + conv.weight.numel()) * a.element_size()
+    of samples (bounded memory for the per-sample gradients). A 3-D convolution's temporaries are
+    one depth slab's input and output gradient per sample (see :func:`_depth_slabs`), and its
+    blocks take up to VOLUME_BLOCK_BYTES."""
+    size_a, size_g, budget = a[0].numel(), g[0].numel(), BLOCK_BYTES
+    if len(conv.kernel_size) == 3 and not conv.transposed:
+        slabs = -(-g[0, 0].numel() // SLAB_POSITIONS)  # about as many as _depth_slabs makes
+        size_a, size_g, budget = -(-size_a // slabs), -(-size_g // slabs), VOLUME_BLOCK_BYTES
+    per_sample = (size_a + size_g + conv.weight.numel()) * a.element_size()
     total = []
-    for block in _sample_blocks(a.shape[0], per_sample):
+    for block in _sample_blocks(a.shape[0], per_sample, budget):
         grads = _per_sample_conv_weight_grads(conv, a[block], g[block], padding)
         total.append(squared_norms(_scaled(grads, scale)))
     return torch.cat(total)
