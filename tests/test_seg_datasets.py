@@ -13,6 +13,7 @@ import gzip
 import math
 import re
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -409,3 +410,35 @@ def test_maskfolder_runs_end_to_end_with_fcn_small(tmp_path):
     for row in result.rows:
         assert 0.0 <= float(row["test_miou"]) <= 1.0
     assert "test_miou" in (tmp_path / "run" / "results.csv").read_text().splitlines()[0]
+
+
+def test_the_segmentation_demo_runs_through_the_cli_on_brain_mri_files(tmp_path, monkeypatch):
+    # The demo's own config (dataset, model, strategies, recipe), shortened, on mricron-layout
+    # files: every strategy writes mIoU rows, and the summary reads them.
+    from gradnorm_al.cli import main
+    from gradnorm_al.experiment import config as config_module
+
+    _mricron_folder(tmp_path / "mricron")
+    demo = config_module.demo_config("segmentation")
+    assert (demo.dataset, demo.model) == ("brain-mri", "fcn-small")
+    assert demo.strategies == ["random", "entropy-gradnorm", "entropy"]
+
+    def short(task: str) -> ExperimentConfig:
+        return replace(
+            config_module.demo_config(task),
+            trials=1,
+            cycles=2,
+            epochs=1,
+            data_root=str(tmp_path / "mricron"),
+        )
+
+    monkeypatch.setattr("gradnorm_al.cli.demo.demo_config", short)
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--task", "segmentation", "--quiet"]) == 0
+    out = tmp_path / "gradnorm-al-demo-segmentation"
+    header, *rows = (out / "results.csv").read_text().splitlines()
+    assert "test_miou" in header and "test_accuracy" not in header
+    assert [r.split(",")[:3] for r in rows] == [
+        [s, "0", str(c)] for s in ("random", "entropy-gradnorm", "entropy") for c in (0, 1)
+    ]
+    assert "mIoU" in (out / "summary.md").read_text()
