@@ -107,7 +107,7 @@ num_workers: 0
 """
 OLD_KEYS = list(yaml.safe_load(OLD_RUN_CONFIG))  # the keys before the change, in their order
 # options added since, after the option they follow, with the value older files mean
-ADDED = {"reduction": ("norm", "mean")}
+ADDED = {"reduction": ("norm", "mean"), "model_params": ("strategy_params", {})}
 YAML_KEYS = list(OLD_KEYS)
 for _key, (_after, _) in ADDED.items():
     YAML_KEYS.insert(YAML_KEYS.index(_after) + 1, _key)
@@ -289,7 +289,7 @@ def test_keys_with_dashes_the_flag_name_and_one_strategy(tmp_path: Path) -> None
 
 
 def test_yaml_keys_and_their_order_are_todays() -> None:
-    assert len(YAML_KEYS) == 27
+    assert len(YAML_KEYS) == 28
     assert list(ExperimentConfig().to_dict()) == YAML_KEYS
     assert list(yaml.safe_load(ExperimentConfig().to_yaml())) == YAML_KEYS
 
@@ -300,8 +300,10 @@ def test_a_run_folders_config_yaml_from_before_loads_unchanged(tmp_path: Path) -
     assert config.strategy_params == {"qbc": {"members": 3}}
     assert (config.subset_size, config.milestones, config.weight_decay) == (50, [3], 5e-4)
     # written back the same, with the options added since at the value they had before
-    added = "".join(f"{key}: {value}\n" for key, (_, value) in ADDED.items())
-    assert config.to_yaml() == OLD_RUN_CONFIG.replace("pool_size:", added + "pool_size:")
+    expected = {**yaml.safe_load(OLD_RUN_CONFIG), **{k: v for k, (_, v) in ADDED.items()}}
+    written = yaml.safe_load(config.to_yaml())
+    assert list(written.items()) == [(k, expected[k]) for k in YAML_KEYS]
+    assert config.to_yaml().startswith(OLD_RUN_CONFIG.split("norm:")[0])  # same text before
 
 
 @pytest.mark.parametrize("name", preset_names())
@@ -322,7 +324,7 @@ def test_every_option_is_declared_with_help() -> None:
     for f, annotation in option_fields(ExperimentConfig):
         assert f.metadata, f"{f.name} is not declared with option()"
         describe(annotation)  # a type the options can check
-        if f.name != "strategy_params":  # the one option of config files only
+        if f.name not in ("strategy_params", "model_params"):  # config files only
             assert helps[f.name] and not helps[f.name].startswith(" ("), f.name
 
 

@@ -32,13 +32,12 @@ from ..experiment.results import (
 )
 from ..experiment.runner import (
     bundle_task,
-    check_model_task,
+    model_factory,
     read_run_config,
     resolve_device,
     strategy_kwargs,
 )
 from ..loop import cycle_candidates
-from ..models import create_model
 from ..oracles import DatasetOracle
 from ..pool import Pool
 from ..seeding import INIT_POOL, POOL_SUBSET, rng
@@ -202,11 +201,8 @@ class RunReader:
             seed=self.seed(trial),
             cycle=cycle,
         )
-        bundle = self.bundle
-        name = self.config.model or bundle.default_model
-        net = create_model(name, num_classes=bundle.num_classes, in_channels=bundle.in_channels)
-        check_model_task(name, net, bundle)
-        net = self.strategy(strategy).prepare_model(net)
+        _, factory = model_factory(self.config, self.bundle)
+        net = self.strategy(strategy).prepare_model(factory())
         net.load_state_dict(state)
         return net.to(self.device).eval()
 

@@ -58,6 +58,12 @@ class _Setup:
     strategy_params: dict[str, dict[str, Any]] = option(
         {}, "per strategy name, its hyper-parameters (config files only)", cli=False
     )
+    model_params: dict[str, Any] = option(
+        {},
+        "keyword arguments of the model's factory, e.g. {width: 8} for cnn3d (config files "
+        "only; num_classes and in_channels come from the dataset)",
+        cli=False,
+    )
     keep_models: bool = option(
         False,
         "save every cycle's trained model under DIR/models (needed by `analyze topk-overlap`, "

@@ -19,7 +19,8 @@ from ..data import DatasetBundle, load_dataset
 from ..errors import ConfigError, GradnormALError, RunDirectoryError, WriteError
 from ..learner import ActiveLearner
 from ..loop import LoopConfig, run_trial
-from ..models import MODELS, SEGMENTATION_MODELS, create_model
+from ..models import MODELS, SEGMENTATION_MODELS, VOLUME_MODELS, create_model
+from ..options import check_arguments
 from ..oracles import DatasetOracle
 from ..reports.summary import write_summary
 from ..seeding import POOL_SUBSET, rng
@@ -62,7 +63,7 @@ RUN_FOLDERS = {
 RESUMABLE_OPTIONS = ("device", "data_root", "download")
 #: options added after runs were first recorded, with the value they had before: recorded in a
 #: run's protocol only when set otherwise, so that older runs still resume
-LATER_OPTIONS = {"reduction": "mean"}
+LATER_OPTIONS: dict[str, Any] = {"reduction": "mean", "model_params": {}}
 
 
 @dataclass
@@ -93,7 +94,37 @@ def validate_names(config: ExperimentConfig) -> None:
         if name not in config.strategies:
             raise ConfigError(f"strategy_params names {name!r}, which is not among the strategies")
     if config.model is not None:
-        MODELS.get(config.model)
+        check_model_params(config.model, config.model_params)
+
+
+def check_model_params(name: str, params: dict[str, Any]) -> None:
+    """ConfigError unless model ``name`` exists and takes ``params`` (declared, typed,
+    in range); ``num_classes`` and ``in_channels`` are the dataset's, never given."""
+    factory = MODELS.get(name)
+    fixed = sorted({"num_classes", "in_channels"} & set(params))
+    if fixed:
+        raise ConfigError(
+            f"model_params sets {', '.join(fixed)}, which the dataset determines; remove it"
+        )
+    check_arguments(factory, params, f"model {name}")
+
+
+def model_factory(
+    config: ExperimentConfig, bundle: DatasetBundle
+) -> tuple[str, Callable[[], nn.Module]]:
+    """The run's model name (``config.model`` or the dataset's default) and a factory of fresh
+    models with its ``model_params``, checked against the dataset's task."""
+    name = config.model or bundle.default_model
+    check_model_params(name, config.model_params)
+    factory = partial(
+        create_model,
+        name,
+        num_classes=bundle.num_classes,
+        in_channels=bundle.in_channels,
+        **config.model_params,
+    )
+    check_model_task(name, factory(), bundle)
+    return name, factory
 
 
 def _holds_run(out_dir: Path) -> bool:
@@ -174,7 +205,21 @@ def bundle_task(bundle: DatasetBundle, reduction: str = "mean") -> Task:
 
 
 def check_model_task(model_name: str, model: nn.Module, bundle: DatasetBundle) -> None:
-    """Refuse a classification model on per-pixel labels and a per-pixel model on class labels."""
+    """Refuse a classification model on per-pixel labels and a per-pixel model on class labels,
+    a 3-D model (:data:`~gradnorm_al.models.VOLUME_MODELS`) on images and a 2-D one on
+    volumes."""
+    volumes = len(bundle.image_size) == 3
+    if (model_name in VOLUME_MODELS) != volumes:
+        have = "3-D volumes" if volumes else "2-D images"
+        fix = (
+            f"use a 3-D model ({', '.join(VOLUME_MODELS)})"
+            if volumes
+            else "use a 2-D model (see `gradnorm-al list`)"
+        )
+        kind = "3-D (volume)" if model_name in VOLUME_MODELS else "2-D (image)"
+        raise ConfigError(
+            f"model {model_name} is a {kind} model but dataset {bundle.name} holds {have}; {fix}"
+        )
     dense = bool(getattr(model, "dense", False))
     if dense != bundle.dense:
         kind = "per-pixel (segmentation)" if dense else "classification"
@@ -281,15 +326,11 @@ def run_experiment(
     strategies = {
         name: create_strategy(name, **strategy_kwargs(config, name)) for name in config.strategies
     }
-    model_name = config.model or bundle.default_model
-    model_factory = partial(
-        create_model, model_name, num_classes=bundle.num_classes, in_channels=bundle.in_channels
-    )
-    check_model_task(model_name, model_factory(), bundle)
+    model_name, factory = model_factory(config, bundle)
     task = bundle_task(bundle, config.reduction)
     for strategy in strategies.values():
         check_task(strategy, task)
-    plan = _Plan(config, bundle, loop, train, strategies, model_name, model_factory, device)
+    plan = _Plan(config, bundle, loop, train, strategies, model_name, factory, device)
     with run_lock(out):
         return _run_locked(plan, out, started, overwrite, resume, progress, log)
 
