@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from importlib import resources
 
 import pytest
 import yaml
 
 from gradnorm_al.cli import main
+from gradnorm_al.data.subtomograms import datasets as subtomo_datasets
+from gradnorm_al.data.subtomograms.simulate import SimulationParams
 from gradnorm_al.errors import ConfigError
 from gradnorm_al.experiment import load_preset, preset_names
 from gradnorm_al.experiment.presets import preset_description
-from gradnorm_al.experiment.runner import validate_names
+from gradnorm_al.experiment.runner import run_experiment, validate_names
 from gradnorm_al.strategies import check_task, create_strategy
 from gradnorm_al.tasks import SegmentationTask
 
@@ -19,7 +22,9 @@ PAPER = ["paper-caltech101", "paper-cifar10", "paper-cifar100", "paper-imagenet"
 
 
 def test_every_preset_is_valid_and_the_paper_ones_follow_the_published_protocol():
-    assert preset_names() == sorted([*PAPER, "paper-cityscapes", "fmnist", "mnist"])
+    assert preset_names() == sorted(
+        [*PAPER, "paper-cityscapes", "subtomograms-large", "fmnist", "mnist"]
+    )
     for name in preset_names():
         config = load_preset(name)
         validate_names(config)  # every strategy and model exists
@@ -74,6 +79,32 @@ def test_the_cityscapes_preset_is_the_segmentation_protocol_and_says_where_numbe
     text = (resources.files("gradnorm_al") / "presets" / "paper-cityscapes.yaml").read_text()
     for fact in ("xulabs/aitom", "fyu/drn", "688x688", "our choice", "from scratch"):
         assert fact in text, fact
+
+
+def test_the_subtomogram_preset_is_gpu_scale_and_its_strategies_run_on_volumes(
+    tmp_path, monkeypatch
+):
+    c = load_preset("subtomograms-large")
+    validate_names(c)
+    assert (c.dataset, c.model, c.model_params, c.device) == (
+        "subtomograms-sim-large", "cnn3d", {}, "cuda",
+    )  # fmt: skip
+    large = subtomo_datasets.SIM_LARGE_PARAMS
+    assert large.classes * large.per_class >= 10_000 and large.classes > 5
+    assert (large.size, large.snr, large.tilt) == (32, 0.05, (-60.0, 60.0))
+    assert (
+        "our choice"
+        in (resources.files("gradnorm_al") / "presets" / "subtomograms-large.yaml").read_text()
+    )
+    # the same protocol on the CPU, at toy scale: every strategy of the preset runs on volumes
+    tiny = SimulationParams(classes=3, per_class=6, size=12, voxel_size=16.0, snr=1.0, seed=2)
+    monkeypatch.setattr(subtomo_datasets, "SIM_LARGE_PARAMS", tiny)
+    small = replace(c, device="cpu", trials=1, cycles=2, epochs=1, batch_size=4,
+                    model_params={"width": 4, "hidden": 8}, initial_fraction=0.3,
+                    budget_fraction=0.2)  # fmt: skip
+    result = run_experiment(small, tmp_path / "run", progress=False)
+    assert sorted({r["strategy"] for r in result.rows}) == sorted(c.strategies)
+    assert len(result.rows) == 2 * len(c.strategies)
 
 
 def test_presets_command_and_unknown_names(capsys):

@@ -1,5 +1,6 @@
-"""``gradnorm-al demo``: the embedded demos (a few minutes on a CPU): digits classification, or
-``--task segmentation`` on the offline brain MRI slices."""
+"""``gradnorm-al demo``: the embedded demos (a few minutes on a CPU): digits classification,
+``--task segmentation`` on the offline brain MRI slices, or ``--task subtomogram`` on simulated
+cryo-ET subtomograms."""
 
 from __future__ import annotations
 
@@ -12,15 +13,16 @@ from .run import add_output_options, run_config
 def add_parser(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser(
         "demo",
-        help="run an embedded demo (a few minutes on a CPU): digits classification, or "
-        "--task segmentation",
+        help="run an embedded demo (a few minutes on a CPU): digits classification, "
+        "--task segmentation or --task subtomogram",
     )
     demo.add_argument(
         "--task",
         choices=DEMO_TASKS,
         default="classification",
         help="classification: six strategies on digits (the default); segmentation: random, "
-        "entropy and entropy-gradnorm on the offline segmentation demo data",
+        "entropy and entropy-gradnorm on the offline brain MRI slices; subtomogram: the same "
+        "three on simulated 3-D cryo-ET subtomograms",
     )
     add_output_options(demo, "gradnorm-al-demo")
 
