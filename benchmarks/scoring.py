@@ -53,14 +53,14 @@ Targets (from the issue):
 
 * ``engine_over_train_step <= 1.0`` for ``smallcnn`` and ``resnet18-cifar`` on the 2-core CPU;
 * ``loop_over_engine >= 4`` for ``smallcnn`` on the CPU;
-* on a GPU, ``loop_over_engine >= 30`` for ``resnet18-cifar`` at batch size 256.
-
+* on a GPU, ``loop_over_engine >= 30`` for ``resnet18-cifar`` at batch size 256;
 * ``engine_over_train_step <= 1.3`` for ``fcn-small`` and ``drn-d-22`` on the CPU (the train step
   being the dense loss's forward + backward), with the engine's peak memory growing with the
   chunk (``--batch-size``), not with ``--n``.
 
-No target is set for the 3-D models (issue 17): the numbers are reported as measured. A 32^3 volume costs about as much as a 180x180 image, so on the
-CPU the 3-D models default to ``--n 32 --batch-size 16 --loop-n 8`` (explicit flags win).
+No target is set for the 3-D models (issue 17): the numbers are reported as measured. A 32^3
+volume costs about as much as a 180x180 image, so on the CPU the 3-D models default to
+``--n 32 --batch-size 16 --loop-n 8`` (explicit flags win).
 """
 
 from __future__ import annotations

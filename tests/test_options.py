@@ -53,6 +53,7 @@ RUN_FLAGS = {
     "--milestones",
     "--gamma",
     "--batch-size",
+    "--eval-batch-size",
     "--num-workers",
     "--score-batch-size",
     "--norm",
@@ -107,7 +108,11 @@ num_workers: 0
 """
 OLD_KEYS = list(yaml.safe_load(OLD_RUN_CONFIG))  # the keys before the change, in their order
 # options added since, after the option they follow, with the value older files mean
-ADDED = {"reduction": ("norm", "mean"), "model_params": ("strategy_params", {})}
+ADDED = {
+    "reduction": ("norm", "mean"),
+    "model_params": ("strategy_params", {}),
+    "eval_batch_size": ("batch_size", 256),
+}
 YAML_KEYS = list(OLD_KEYS)
 for _key, (_after, _) in ADDED.items():
     YAML_KEYS.insert(YAML_KEYS.index(_after) + 1, _key)
@@ -192,7 +197,11 @@ def test_run_help_shows_the_declared_defaults(capsys: pytest.CaptureFixture[str]
         "--norm {tensor-sum,l2}",
     ):
         assert text in out
-    assert "--eval-batch-size" not in out and "strategy-params" not in out
+    assert (
+        "--eval-batch-size EVAL_BATCH_SIZE batch size for the test and training metrics "
+        "(large images: lower it) (default: 256)"
+    ) in out
+    assert "strategy-params" not in out and "model-params" not in out
 
 
 def test_help_follows_a_changed_default() -> None:
@@ -289,7 +298,7 @@ def test_keys_with_dashes_the_flag_name_and_one_strategy(tmp_path: Path) -> None
 
 
 def test_yaml_keys_and_their_order_are_todays() -> None:
-    assert len(YAML_KEYS) == 28
+    assert len(YAML_KEYS) == 29
     assert list(ExperimentConfig().to_dict()) == YAML_KEYS
     assert list(yaml.safe_load(ExperimentConfig().to_yaml())) == YAML_KEYS
 
@@ -366,10 +375,12 @@ def test_loop_and_train_views_carry_every_value() -> None:
     assert type(config.loop_config()) is LoopConfig and type(train) is TrainConfig
 
 
-def test_eval_batch_size_is_a_setting_not_an_option() -> None:
-    with pytest.raises(ConfigError, match="unknown option 'eval_batch_size'"):
-        ExperimentConfig.from_dict({"eval_batch_size": 64})
-    assert ExperimentConfig(eval_batch_size=64).train_config().eval_batch_size == 64
+def test_eval_batch_size_is_an_option_for_large_images() -> None:
+    # full-size Cityscapes images: 256 per evaluation batch would not fit a GPU
+    config = ExperimentConfig.from_dict({"eval-batch-size": 8})
+    assert config.train_config().eval_batch_size == 8
+    with pytest.raises(ConfigError, match="eval-batch-size must be an integer >= 1, got 0"):
+        ExperimentConfig.from_dict({"eval_batch_size": 0})
 
 
 # ---------------------------------------------------------------------------------------------

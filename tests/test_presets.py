@@ -66,7 +66,8 @@ def test_the_cityscapes_preset_is_the_segmentation_protocol_and_says_where_numbe
         [40],
         8,
     )
-    assert c.subset_size is None and not c.reinit_each_cycle and c.score_batch_size == 8
+    assert c.subset_size is None and not c.reinit_each_cycle
+    assert (c.score_batch_size, c.eval_batch_size) == (8, 8)
     task = SegmentationTask(19)
     for name in c.strategies:  # every strategy runs on the dense task
         check_task(create_strategy(name), task)

@@ -42,7 +42,9 @@ class TrainConfig:
     )
     gamma: float = option(0.1, "lr decay factor", ge=0.0)
     batch_size: int = option(128, "training batch", ge=1)
-    eval_batch_size: int = option(256, "evaluation batch", ge=1, exposed=False)
+    eval_batch_size: int = option(
+        256, "batch size for the test and training metrics (large images: lower it)", ge=1
+    )
     num_workers: int = option(
         0, "training data loader worker processes for file-backed datasets", ge=0
     )

@@ -63,7 +63,7 @@ RUN_FOLDERS = {
 RESUMABLE_OPTIONS = ("device", "data_root", "download")
 #: options added after runs were first recorded, with the value they had before: recorded in a
 #: run's protocol only when set otherwise, so that older runs still resume
-LATER_OPTIONS: dict[str, Any] = {"reduction": "mean", "model_params": {}}
+LATER_OPTIONS: dict[str, Any] = {"reduction": "mean", "model_params": {}, "eval_batch_size": 256}
 
 
 @dataclass
