@@ -130,7 +130,7 @@ def test_replay_rebuilds_the_task_and_reproduces_the_runs_miou(reader):
             for name in ("miou", "pixel_accuracy"):
                 assert math.isclose(metrics[name], row[f"{split}_{name}"], abs_tol=1e-12)
     masks = reader.true_labels(np.array([3, UNLABELLED_IMAGE]))
-    assert masks.shape == (2, 12, 12) and masks.dtype == torch.int64
+    assert masks.shape == (2, 12, 12) and masks.dtype == torch.uint8  # the task's mask dtype
     assert (masks[0, 0] == IGNORE).all() and (masks[1] == IGNORE).all()
 
 

@@ -147,6 +147,15 @@ def test_a_segmentation_run_writes_miou_results_and_resumes_to_the_same_rows(
     for other in (again, resumed):
         for a, b in zip(first.rows, other):
             assert {k: a[k] for k in SEG_COLUMNS} == {k: b[k] for k in SEG_COLUMNS}
+    # the labelled masks are checkpointed as uint8 (8x less than int64), loaded back exactly
+    state = torch.load(
+        tmp_path / "run" / "state" / "random.t0.pt", map_location="cpu", weights_only=True
+    )
+    labels = state["learner"]["labels"]
+    assert labels.dtype == torch.uint8 and labels.dim() == 3
+    indices = torch.as_tensor(state["learner"]["pool"]["labeled_at"]).ge(0).nonzero().flatten()
+    truth = torch.stack([shapes_bundle.train_eval[int(i)][1] for i in indices])
+    assert torch.equal(labels.long(), truth.long())
 
 
 def test_models_and_strategies_that_do_not_fit_the_task_are_refused_before_the_folder(

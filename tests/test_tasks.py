@@ -185,7 +185,17 @@ def test_segmentation_masks_are_checked():
     masks = task.collate(
         [np.array([[0, 1], [2, IGNORE]], dtype=np.uint8), torch.zeros(2, 2, dtype=torch.int32)]
     )
-    assert masks.dtype == torch.int64 and masks.shape == (2, 2, 2)
+    assert masks.dtype == torch.uint8 and masks.shape == (2, 2, 2)  # 8x smaller than int64
+    assert masks.tolist() == [[[0, 1], [2, IGNORE]], [[0, 0], [0, 0]]]
+    # classes or an ignore index beyond uint8: int64
+    wide = SegmentationTask(300, ignore_index=-1).collate([np.array([[299, -1]])])
+    assert wide.dtype == torch.int64 and wide.tolist() == [[[299, -1]]]
+    # the losses read either dtype alike
+    logits = torch.randn(2, 3, 2, 2, dtype=torch.float64)
+    assert torch.equal(task.loss(logits, masks), task.loss(logits, masks.long()))
+    assert torch.equal(
+        task.per_sample_loss(logits, masks), task.per_sample_loss(logits, masks.long())
+    )
     with pytest.raises(DataError, match=r"mask value 7 is neither a class in \[0, 3\).*fix"):
         task.collate([np.array([[0, 7], [7, 1]])])
     with pytest.raises(DataError, match="mask value -1"):

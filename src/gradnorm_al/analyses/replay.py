@@ -130,7 +130,7 @@ class RunReader:
 
     def true_labels(self, indices: np.ndarray) -> torch.Tensor:
         """The true labels of pool ``indices``, checked and stacked by the run's task: int64
-        [M] class indices, or [M, H, W] masks."""
+        [M] class indices, or [M, H, W] masks (the task's ``mask_dtype``)."""
         return self.task.collate(self.oracle.labels(np.asarray(indices, dtype=np.int64)))
 
     @property
