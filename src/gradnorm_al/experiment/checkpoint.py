@@ -80,14 +80,18 @@ def content_digest(value: Any) -> str:
     return h.hexdigest()
 
 
-def _save(path: Path, payload: dict[str, Any]) -> None:
+def save_checksummed(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` (tensors and plain containers) with its :func:`content_digest`,
+    atomically."""
     payload = {**payload, CHECKSUM: content_digest(payload)}
     buffer = io.BytesIO()  # serialised in memory, so a full disk is an OSError of the write
     torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _load(path: Path, fix: str) -> dict[str, Any]:
+def load_checksummed(path: Path, fix: str) -> dict[str, Any]:
+    """A payload of :func:`save_checksummed`, loaded with ``weights_only=True`` and its checksum
+    verified (a payload without one is returned as it is); errors name ``path`` and ``fix``."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -123,7 +127,7 @@ def save_model(
     path: Path, state: dict[str, torch.Tensor], *, strategy: str, trial: int, seed: int, cycle: int
 ) -> None:
     """Write one cycle's task model (``state_dict`` tensors on the CPU) atomically."""
-    _save(
+    save_checksummed(
         path,
         {
             "version": MODEL_FORMAT_VERSION,
@@ -146,7 +150,9 @@ def load_model(
             f"{path} is missing: the model-based analyses need the run's per-cycle models; run it "
             "with --keep-models (gradnorm-al run ... --keep-models)"
         )
-    payload = _load(path, "delete it and re-run that run with --keep-models to recompute it")
+    payload = load_checksummed(
+        path, "delete it and re-run that run with --keep-models to recompute it"
+    )
     if payload.get("version") not in READABLE_MODEL_VERSIONS:
         raise RunDirectoryError(
             f"model {path} has format version {payload.get('version')!r}, this gradnorm-al reads "
@@ -196,7 +202,7 @@ def save_state(
         "learner": state.learner,
         "records": [_record_dict(r) for r in state.records],
     }
-    _save(path, payload)
+    save_checksummed(path, payload)
 
 
 RECOMPUTE = (
@@ -222,7 +228,7 @@ def load_state(
     """Read a checkpoint written by :func:`save_state` (``weights_only=True``: tensors and plain
     containers only), verify its checksum and check that it belongs to this strategy, trial and
     seed, and (when both are known) that it was written under this resolved ``config``."""
-    payload = _load(path, RECOMPUTE)
+    payload = load_checksummed(path, RECOMPUTE)
     if payload.get("version") not in READABLE_VERSIONS:
         raise RunDirectoryError(
             f"checkpoint {path} has format version {payload.get('version')!r}, this gradnorm-al "

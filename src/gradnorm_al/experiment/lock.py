@@ -3,7 +3,8 @@
 ``fcntl.flock`` on ``DIR/.gradnorm-al.lock``: the operating system drops it when the process ends,
 however it ends (``kill -9`` included), so a lock never outlives its holder and never needs
 clearing by hand. The holder writes who it is (pid, host, command, start time) into the file, and a
-refused writer names it.
+refused writer names it. :func:`run_lock` guards a run folder, :func:`folder_lock` any folder
+(a labelling project's).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import fcntl
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import RunDirectoryError, RunLockedError, WriteError
@@ -29,10 +30,10 @@ def _holder() -> str:
 
 
 @contextlib.contextmanager
-def run_lock(folder: str | Path) -> Iterator[Path]:
+def folder_lock(folder: str | Path, refused: Callable[[str], Exception]) -> Iterator[Path]:
     """Hold the lock of ``folder`` (created if missing) for the ``with`` block.
 
-    Raises :class:`RunLockedError` naming the holder when another process has it.
+    Raises ``refused(holder)`` (an error naming the holder) when another process has it.
     """
     folder = Path(folder)
     path = folder / LOCK_FILE
@@ -51,13 +52,25 @@ def run_lock(folder: str | Path) -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
-            raise RunLockedError(
-                f"run folder {folder} is in use by {holder}; wait for it to finish or stop it, "
-                "or choose another --out"
-            ) from None
+            raise refused(holder) from None
         with contextlib.suppress(OSError):  # who holds it is informative only (a full disk)
             os.ftruncate(fd, 0)
             os.pwrite(fd, (_holder() + "\n").encode(), 0)
         yield path
     finally:
         os.close(fd)  # releases the lock
+
+
+def run_lock(folder: str | Path) -> contextlib.AbstractContextManager[Path]:
+    """Hold the lock of the run folder ``folder`` (created if missing) for the ``with`` block.
+
+    Raises :class:`RunLockedError` naming the holder when another process has it.
+    """
+
+    def refused(holder: str) -> RunLockedError:
+        return RunLockedError(
+            f"run folder {folder} is in use by {holder}; wait for it to finish or stop it, "
+            "or choose another --out"
+        )
+
+    return folder_lock(folder, refused)
