@@ -23,7 +23,7 @@ from .errors import (
 from .experiment import ExperimentConfig, run_experiment
 from .learner import ActiveLearner
 from .models import MODELS, create_model
-from .oracles import CallbackOracle, DatasetOracle, Oracle
+from .oracles import CallbackOracle, DatasetOracle, HumanOracle, Oracle
 from .pergrad import per_sample_grad_norms
 from .pool import Pool
 from .strategies import SAMPLERS, STRATEGIES, Selection, create_strategy, gradnorm_scores
@@ -44,6 +44,7 @@ __all__ = [
     "DatasetOracle",
     "ExperimentConfig",
     "GradnormALError",
+    "HumanOracle",
     "Oracle",
     "Pool",
     "PoolError",

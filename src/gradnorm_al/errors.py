@@ -43,6 +43,28 @@ class ChecksumError(RunDirectoryError):
     """A checkpoint's content does not match the checksum written with it."""
 
 
+class ProjectError(GradnormALError):
+    """A labelling project cannot be used as asked (not a project, a schema this version does not
+    read, no model trained yet, ...)."""
+
+
+class ProjectLockedError(ProjectError):
+    """Another process holds the labelling project's lock."""
+
+
+class LabelImportError(DataError, ValueError):
+    """Labels refused as a whole: nothing was imported. ``problems`` holds one line per offending
+    row (``<where>: <what>: <why>``); the message lists them all."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems or [])
+
+
+class OracleTimeoutError(GradnormALError, TimeoutError):
+    """An oracle waited for answers longer than its timeout."""
+
+
 class WriteError(GradnormALError, OSError):
     """The operating system refused a write (read-only folder, disk full, permission denied)."""
 

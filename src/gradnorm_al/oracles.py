@@ -2,19 +2,26 @@
 
 An oracle is anything with ``labels(indices) -> labels``: one label per pool index, in the order
 asked. A benchmark answers from the dataset's own targets (:class:`DatasetOracle`); a script or an
-annotation tool answers through a function (:class:`CallbackOracle`).
+annotation tool answers through a function (:class:`CallbackOracle`); a person answers through
+files (:class:`HumanOracle`).
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import os
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from .errors import DataError
+from .atomic import atomic_write_text
+from .errors import DataError, OracleTimeoutError, read_text
 
 
 @runtime_checkable
@@ -116,3 +123,110 @@ class CallbackOracle:
 
     def labels(self, indices: np.ndarray) -> Any:
         return self.fn(np.asarray(indices, dtype=np.int64))
+
+
+class HumanOracle:
+    """A person answering through files: each :meth:`labels` call writes the request
+    ``folder/request-NNN.csv`` (``index,path``: the pool indices asked for, best first, with
+    ``paths[index]`` where ``paths`` is given) and waits until the person writes
+    ``folder/answers-NNN.csv`` (``index,label``, one line per requested index, any order).
+
+    Parameters
+    ----------
+    folder : where requests and answers go (created if missing).
+    classes : class names: an answer's label is a name, returned as its position in
+        ``classes``. None: labels are class indices (integers).
+    paths : the pool items' file names (or any description), written into the requests.
+    timeout : seconds to wait for an answers file before :class:`OracleTimeoutError` (None:
+        forever).
+    poll : seconds between looks at the folder. A file is read once its size and time stamp
+        stay the same over one poll (write it elsewhere and rename it into place to be safe).
+
+    An answers file that does not answer exactly the indices asked (a missing, unknown or
+    repeated index, an unknown label) raises :class:`DataError` listing every problem; the
+    learner's ``update`` then changes nothing, and calling it again reads the corrected file.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        classes: Sequence[str] | None = None,
+        paths: Sequence[str] | None = None,
+        timeout: float | None = None,
+        poll: float = 1.0,
+    ) -> None:
+        self.folder = Path(folder)
+        self.classes = None if classes is None else [str(c) for c in classes]
+        self.paths = paths
+        self.timeout, self.poll = timeout, poll
+        self.answered = 0  # requests answered so far; the next one is number answered + 1
+
+    def request_path(self, number: int) -> Path:
+        return self.folder / f"request-{number:03d}.csv"
+
+    def answers_path(self, number: int) -> Path:
+        return self.folder / f"answers-{number:03d}.csv"
+
+    def labels(self, indices: np.ndarray) -> list[int]:
+        idx = [int(i) for i in np.asarray(indices, dtype=np.int64)]
+        number = self.answered + 1
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["index", "path"])
+        for i in idx:
+            writer.writerow([i, "" if self.paths is None else self.paths[i]])
+        atomic_write_text(self.request_path(number), out.getvalue())
+        answers = self._wait(self.answers_path(number))
+        labels = self._parse(answers, idx)
+        self.answered = number
+        return labels
+
+    def _wait(self, path: Path) -> Path:
+        start, seen = time.monotonic(), None
+        while True:
+            try:
+                stat = os.stat(path)
+                now = (stat.st_size, stat.st_mtime_ns)
+            except FileNotFoundError:
+                now = None
+            if now is not None and now == seen:
+                return path
+            seen = now
+            if self.timeout is not None and time.monotonic() - start > self.timeout:
+                raise OracleTimeoutError(
+                    f"no answers in {path} after {self.timeout:g} s; answer "
+                    f"{path.with_name(path.name.replace('answers', 'request'))} there "
+                    "(index,label), then call update again"
+                )
+            time.sleep(self.poll)
+
+    def _parse(self, path: Path, asked: list[int]) -> list[int]:
+        rows = list(csv.reader(io.StringIO(read_text(path, "write index,label lines"))))
+        rows = [r for r in rows if any(f.strip() for f in r)]
+        problems = []
+        if not rows or [f.strip().lower() for f in rows[0]] != ["index", "label"]:
+            problems.append("line 1: the header must be index,label")
+            rows = [[]] + rows  # every line a row below
+        wanted, got = set(asked), {}
+        for line, row in enumerate(rows[1:], start=2):
+            if len(row) != 2 or not row[0].strip().lstrip("-").isdigit():
+                problems.append(f"line {line}: expected index,label")
+                continue
+            i, text = int(row[0]), row[1].strip()
+            if i not in wanted:
+                problems.append(f"line {line}: index {i} was not asked for")
+            elif i in got:
+                problems.append(f"line {line}: index {i} answered twice")
+            elif self.classes is not None and text not in self.classes:
+                problems.append(f"line {line}: unknown class {text!r}")
+            elif self.classes is None and not text.lstrip("-").isdigit():
+                problems.append(f"line {line}: label {text!r} is not a class index")
+            else:
+                got[i] = self.classes.index(text) if self.classes is not None else int(text)
+        missing = [i for i in asked if i not in got]
+        if missing:
+            problems.append(f"{len(missing)} index(es) not answered (e.g. {missing[0]})")
+        if problems:
+            raise DataError(f"{path}: {'; '.join(problems)}; correct it and call update again")
+        return [got[i] for i in asked]

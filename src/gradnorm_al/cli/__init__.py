@@ -1,7 +1,8 @@
 """The ``gradnorm-al`` command: argument parsing, printing and exit codes only, one module per
 command (:mod:`.demo`, :mod:`.run`, :mod:`.list`, :mod:`.presets`, :mod:`.report`,
 :mod:`.analyze`, :mod:`.simulate_subtomograms`), each with ``add_parser(subparsers)`` and
-``execute(args) -> exit code``."""
+``execute(args) -> exit code``; :mod:`.project` holds the labelling-project commands (``init``,
+``train``, ``query``, ``import-labels``, ``status``) as objects with the same two functions."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import GradnormALError
-from . import analyze, demo, presets, report, run, simulate_subtomograms
+from . import analyze, demo, presets, project, report, run, simulate_subtomograms
 from . import list as list_command
 from .common import EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser, print_error
 
@@ -22,6 +23,11 @@ COMMANDS = {
     "report": report,
     "analyze": analyze,
     "simulate-subtomograms": simulate_subtomograms,
+    "init": project.init,
+    "train": project.train,
+    "query": project.query,
+    "import-labels": project.import_labels,
+    "status": project.status,
 }
 
 
