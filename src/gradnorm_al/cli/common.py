@@ -37,6 +37,13 @@ def parse_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def parse_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
 def argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """The argparse ``type`` for an option declared with ``parse`` (text -> value): integers
     get :func:`parse_int`'s message, other types (``float``) argparse's own, and a function's

@@ -15,7 +15,7 @@ from ..errors import ConfigError
 from ..options import add_arguments, from_mapping
 from ..project import Project, ProjectTrainConfig
 from ..project.project import DEFAULT_IMAGE_SIZE, DEFAULT_MODEL
-from .common import parse_int
+from .common import parse_float, parse_int
 
 
 @dataclass(frozen=True)
@@ -26,13 +26,6 @@ class Command:
 
 def _project_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("project", metavar="PROJECT", help="the project folder")
-
-
-def _fraction(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
 # ------------------------------------------------------------------ init
@@ -82,7 +75,7 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--val-fraction",
-        type=_fraction,
+        type=parse_float,
         default=0.0,
         metavar="F",
         help="hold out this fraction of the first labels (per class, seeded) for validation; "

@@ -13,7 +13,7 @@ from ..data.subtomograms.files import check_out_dir
 from ..data.subtomograms.simulate import class_structures
 from ..data.subtomograms.structures import BUILTIN_STRUCTURES
 from ..errors import ConfigError
-from .common import make_log, parse_int
+from .common import make_log, parse_float, parse_int
 
 DEFAULTS = SimulationParams()
 
@@ -31,13 +31,6 @@ def parse_tilt(text: str) -> tuple[float, float]:
     if len(parts) == 2:
         return (parts[0], parts[1])
     raise argparse.ArgumentTypeError(f"expected T or LO,HI, got {text!r}")
-
-
-def parse_float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -59,7 +59,7 @@ from ..tasks import ClassificationTask
 from ..train import TrainConfig, predict
 from . import db
 from .images import check_readable, image_dataset, list_image_files
-from .labelfiles import LabelRow, read_labels_file, write_batch_csv
+from .labelfiles import read_labels_file, write_batch_csv
 from .labelstudio_files import image_reference, labeling_config, task, write_tasks
 from .networks import build_model, check_spec
 
@@ -965,15 +965,3 @@ def _apply_labels(
     closed = [n for (n,) in conn.execute(_COMPLETE)]
     conn.executemany("UPDATE batches SET closed = ? WHERE number = ?", [(now, n) for n in closed])
     return ImportSummary(source, len(added), len(changed), unchanged, closed)
-
-
-__all__ = [
-    "Batch",
-    "BatchItem",
-    "ImportSummary",
-    "Item",
-    "LabelRow",
-    "Project",
-    "ProjectTrainConfig",
-    "Round",
-]
