@@ -332,6 +332,23 @@ def test_pending_batches_are_not_offered_again_unless_requery(project):
         assert len(fh.read().splitlines()) == 5
 
 
+def test_strategies_that_change_training_need_a_round_trained_for_them(project):
+    project.train(epochs=1)
+    with pytest.raises(ProjectError, match="'ll4al' trains a module with the model"):
+        project.query(2, "ll4al")
+    with pytest.raises(ProjectError, match=r"--strategy mc-dropout --fresh\)$"):
+        project.query(2, "mc-dropout")
+    assert project.train(epochs=1, strategy="ll4al").strategy == "ll4al"
+    assert len(project.query(2, "ll4al").items) == 2
+    with pytest.raises(ProjectError, match="or use strategy ll4al$"):
+        project.train(epochs=1, strategy="mc-dropout")  # a warm start cannot add the dropout
+    assert project.train(epochs=1, strategy="mc-dropout", fresh=True).strategy == "mc-dropout"
+    assert project.train(epochs=1).strategy == "mc-dropout"  # kept by the warm start
+    for strategy in ("mc-dropout", "entropy"):  # any strategy queries that model
+        assert len(project.query(2, strategy).items) == 2
+    assert [r.strategy for r in project.rounds()] == [None, "ll4al", "mc-dropout", "mc-dropout"]
+
+
 # ---------------------------------------------------------------------------------- models
 
 

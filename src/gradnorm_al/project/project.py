@@ -130,8 +130,9 @@ class Batch:
 
 @dataclass(frozen=True)
 class Round:
-    """One training: its model file and metrics (accuracies in [0, 1]; ``heldout_accuracy``
-    None without a held-out split)."""
+    """One training: its model file, the strategy the model was shaped for (``train
+    --strategy``, or kept from the round it started from; None: plain) and metrics (accuracies
+    in [0, 1]; ``heldout_accuracy`` None without a held-out split)."""
 
     number: int
     model_file: Path
@@ -536,6 +537,9 @@ class Project:
         )
         with seeded_cpu(derive_seed(self.seed, MODEL_INIT, 0)):
             module = build_model(self.model, len(self.classes), weights)
+        shaped_by = model_state.get("strategy") if model_state is not None else None
+        if shaped_by is not None:  # that model's layers first (mc-dropout's dropout)
+            module = create_strategy(shaped_by).prepare_model(module)
         learner = ActiveLearner(
             module,
             pool,
@@ -562,12 +566,13 @@ class Project:
         try:
             learner.load_state_dict(state)
         except RuntimeError as err:  # the round's model is not the one this strategy builds
+            other = f", or use strategy {shaped_by}" if shaped_by else ""
             raise ProjectError(
-                f"the last round's model (trained for strategy "
-                f"{model_state and model_state.get('strategy') or 'none'}) does not fit strategy "
-                f"{learner.strategy.name!r}, which changes the model it trains "
-                f"({' '.join(str(err).split())[:160]}); train a round for it: "
-                f"gradnorm-al train {self.path} --strategy {learner.strategy.name} --fresh"
+                f"the last round's model (trained for strategy {shaped_by or 'none'}) does "
+                f"not fit strategy {learner.strategy.name!r}: one of them changes the model "
+                f"({' '.join(str(err).split())[:120]}); train a round for it "
+                f"(gradnorm-al train {self.path} --strategy {learner.strategy.name} --fresh)"
+                f"{other}"
             ) from None
         return learner
 
@@ -606,7 +611,9 @@ class Project:
         (``weights`` implies ``fresh``). ``config`` is the recipe (default
         :class:`ProjectTrainConfig`; ``epochs`` overrides its epochs). ``strategy``: train the
         model as that strategy needs it (``mc-dropout`` adds dropout, ``ll4al`` trains its loss
-        module alongside); needed before querying with such a strategy.
+        module alongside); needed before querying with such a strategy. A model shaped for a
+        strategy keeps its shape in later rounds that start from it, and any strategy can query
+        it (a strategy needing another shape is refused, naming the fix).
         """
         config = config if config is not None else ProjectTrainConfig()
         if epochs is not None:
@@ -626,13 +633,15 @@ class Project:
                     f"at least 2 first: gradnorm-al import-labels {self.path} FILE"
                 )
             number = 1 if last is None else last.number + 1
-            warm = last is not None and not fresh
+            start = self._load_round(last) if last is not None and not fresh else None
+            # the strategy whose model this round's is: a warm start keeps the last one's
+            shaped_by = strategy or (start["strategy"] if start is not None else None)
             learner = self._learner(
                 items,
                 strategy or "random",
                 cycle=number - 1,
-                model_state=self._load_round(last) if warm and last is not None else None,
-                weights=None if warm else (weights or self.weights),
+                model_state=start,
+                weights=None if start is not None else (weights or self.weights),
                 config=config,
                 device=device,
                 progress=progress,
@@ -659,7 +668,7 @@ class Project:
                     "model_spec": self.model,
                     "classes": list(self.classes),
                     "image_size": self.image_size,
-                    "strategy": strategy,
+                    "strategy": shaped_by,
                     "model": _cpu_state(learner.model),
                     "auxiliary": None if aux is None else _cpu_state(aux.module),
                 },
@@ -671,7 +680,7 @@ class Project:
                     (
                         number,
                         _round_file(number),
-                        strategy,
+                        shaped_by,
                         json.dumps(to_mapping(config)),
                         len(trained),
                         train_accuracy,
@@ -682,7 +691,7 @@ class Project:
         return Round(
             number,
             self.path / _round_file(number),
-            strategy,
+            shaped_by,
             len(trained),
             train_accuracy,
             heldout_accuracy,
