@@ -493,6 +493,14 @@ def test_command_errors_are_one_line_with_exit_code_2(tmp_path, images, capsys):
         assert "Traceback" not in line
         if "under" in message:
             assert "dark/zz.png (UnidentifiedImageError" in line
+
+    def disk_error(self: Project) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Project, "status", disk_error)
+        assert main(["status", proj]) == 2
+        assert one_error_line(capsys).endswith(f"project {proj}: database error: disk I/O error")
     for argv in (["query", proj], ["init", proj], ["import-labels", proj]):  # usage errors
         with pytest.raises(SystemExit) as exc:
             main(argv)

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ProjectError
 from ..options import add_arguments, from_mapping
 from ..project import Project, ProjectTrainConfig
 from ..project.project import DEFAULT_IMAGE_SIZE, DEFAULT_MODEL
@@ -21,7 +22,13 @@ from .common import parse_float, parse_int
 @dataclass(frozen=True)
 class Command:
     add_parser: Callable[[argparse._SubParsersAction], None]
-    execute: Callable[[argparse.Namespace], int]
+    run: Callable[[argparse.Namespace], int]
+
+    def execute(self, args: argparse.Namespace) -> int:
+        try:
+            return self.run(args)
+        except sqlite3.Error as err:  # a full disk, a read-only folder, a damaged file
+            raise ProjectError(f"project {args.project}: database error: {err}") from None
 
 
 def _project_argument(p: argparse.ArgumentParser) -> None:
