@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import GradnormALError
-from . import analyze, demo, presets, report, run, simulate_subtomograms
+from . import analyze, demo, labelstudio, presets, report, run, simulate_subtomograms
 from . import list as list_command
 from .common import EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser, print_error
 
@@ -22,6 +22,7 @@ COMMANDS = {
     "report": report,
     "analyze": analyze,
     "simulate-subtomograms": simulate_subtomograms,
+    "labelstudio": labelstudio,
 }
 
 
