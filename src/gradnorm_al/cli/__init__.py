@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import GradnormALError
-from . import analyze, demo, presets, project, report, run, simulate_subtomograms
+from . import analyze, demo, labelstudio, presets, project, report, run, simulate_subtomograms
 from . import list as list_command
 from .common import EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser, print_error
 
@@ -28,6 +28,7 @@ COMMANDS = {
     "query": project.query,
     "import-labels": project.import_labels,
     "status": project.status,
+    "labelstudio": labelstudio,
 }
 
 
