@@ -125,6 +125,11 @@ def push(
     url, token = connection_settings(url, token)
     root = _document_root(document_root)
     client = _connect(url, token)
+    with project.locked():  # two pushes at once would send the same tasks twice
+        return _push(project, client, url, root, title)
+
+
+def _push(project: Project, client: Any, url: str, root: Path, title: str | None) -> PushResult:
     items = list(project.items())
     paths = {item.id: Path(os.path.abspath(item.abspath)) for item in items}
     found, batches = [], []  # every unanswered item of the pending batches, in order
@@ -171,6 +176,11 @@ def pull(
     """
     url, token = connection_settings(url, token)
     client = _connect(url, token)
+    with project.locked():
+        return _pull(project, client, url, relabel)
+
+
+def _pull(project: Project, client: Any, url: str, relabel: bool) -> PullResult:
     project_id = _Record(Path(project.path) / RECORD_FILE).project_id(url)
     if project_id is None:
         raise LabelStudioError(
