@@ -19,8 +19,16 @@ GOLDEN = Path(__file__).parent / "data" / "golden_run.json"
 @pytest.mark.slow
 def test_small_run_equals_the_run_before_the_redesign(tmp_path):
     golden = json.loads(GOLDEN.read_text())
-    if machine() != golden["machine"]:
-        pytest.skip(f"golden results were recorded on {golden['machine']}, this is {machine()}")
+    recorded, here = _fingerprint(golden["machine"]), _fingerprint(machine())
+    if here != recorded:
+        pytest.skip(f"golden results were recorded on {recorded}, this is {here}")
     now = run(tmp_path)
     assert now["selections"] == golden["selections"]
     assert now["rows"] == golden["rows"]
+
+
+def _fingerprint(machine: dict) -> dict:
+    """What the run's numbers depend on. Not numpy's version: the numbers are torch's, and the
+    run was checked to reproduce the record bit for bit with numpy 2.4.6 (recorded) and 2.2.6
+    (what label-studio-sdk's dependencies resolve to in the test environment)."""
+    return {k: v for k, v in machine.items() if k != "numpy"}
