@@ -43,6 +43,7 @@ from gradnorm_al.project.labelstudio import LabelStudioError, pull, push
 REPO = Path(__file__).resolve().parents[1]
 EXECUTABLE_ENV = "GRADNORM_AL_LABEL_STUDIO"
 TEMPLATE_ENV = "GRADNORM_AL_LABEL_STUDIO_TEMPLATE"
+TEMPLATE_USER = "gradnorm-al-user.json"
 DEFAULT_EXECUTABLE = REPO / ".ci" / "label-studio-venv" / "bin" / "label-studio"
 START_TIMEOUT_S = 300  # a cold start migrates a new database: ~35 s here, more on a busy machine
 CLASSES = ["cat", "dog", 'red "fox" & <co>']  # the last one checks the escaping end to end
@@ -115,12 +116,14 @@ def _executable() -> Path:
 
 
 def _template(executable: Path) -> Path | None:
-    """A data folder that ``label-studio init`` made (its database migrated, no user yet):
+    """A data folder that ``label-studio init`` made (its database migrated, its user and token
+    in ``gradnorm-al-user.json``):
     ``$GRADNORM_AL_LABEL_STUDIO_TEMPLATE``, else ``label-studio-template`` next to the
     executable's virtual environment (what .ci/run makes); None: the server migrates a new one."""
     named = os.environ.get(TEMPLATE_ENV)
     path = Path(named) if named else executable.parents[2] / "label-studio-template"
-    return path if (path / "label_studio.sqlite3").is_file() else None
+    made = (path / "label_studio.sqlite3").is_file() and (path / TEMPLATE_USER).is_file()
+    return path if made else None
 
 
 def _free_port() -> int:
@@ -167,13 +170,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     files = base / "files"
     files.mkdir()
     url, token = f"http://127.0.0.1:{_free_port()}", secrets.token_hex(20)
+    user = {"username": "annotator@example.com", "password": secrets.token_hex(8), "token": token}
+    template = _template(executable)
+    if template is not None:  # an initialised database: no migrations to run (~6 s, not ~40)
+        shutil.copytree(template, base / "data")
+        user = json.loads((template / TEMPLATE_USER).read_text())  # the user it was made with
+        token = user["token"]
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(base),
         "LANG": "C.UTF-8",
         "LABEL_STUDIO_BASE_DATA_DIR": str(base / "data"),
-        "LABEL_STUDIO_USERNAME": "annotator@example.com",
-        "LABEL_STUDIO_PASSWORD": secrets.token_hex(8),
+        "LABEL_STUDIO_USERNAME": user["username"],
+        "LABEL_STUDIO_PASSWORD": user["password"],
         "LABEL_STUDIO_USER_TOKEN": token,
         "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
         "LOCAL_FILES_SERVING_ENABLED": "true",
@@ -181,9 +190,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "LATEST_VERSION_CHECK": "false",
         "COLLECT_ANALYTICS": "false",
     }
-    template = _template(executable)
-    if template is not None:  # an initialised database: no migrations to run (~6 s, not ~40)
-        shutil.copytree(template, base / "data")
     log = base / "server.log"
     port = url.rsplit(":", 1)[1]
     command = [str(executable), "start", "--internal-host", "127.0.0.1", "--port", port]
