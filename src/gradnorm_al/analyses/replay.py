@@ -192,6 +192,11 @@ class RunReader:
                 "--keep-models (gradnorm-al run ... --keep-models)"
             )
 
+    @cached_property
+    def _model_factory(self) -> Callable[[], nn.Module]:
+        """Fresh models of the run's kind, checked against its data once."""
+        return model_factory(self.config, self.bundle)[1]
+
     def model(self, strategy: str, trial: int, cycle: int) -> nn.Module:
         """T^c: the task model of ``cycle`` after its training, in eval mode on the device."""
         state = load_model(
@@ -201,8 +206,7 @@ class RunReader:
             seed=self.seed(trial),
             cycle=cycle,
         )
-        _, factory = model_factory(self.config, self.bundle)
-        net = self.strategy(strategy).prepare_model(factory())
+        net = self.strategy(strategy).prepare_model(self._model_factory())
         net.load_state_dict(state)
         return net.to(self.device).eval()
 
