@@ -514,14 +514,17 @@ def batchnorm_backward(
     if stats.dtype != a.dtype:
         stats = stats.to(a.dtype)
     weight, mean, var = stats.unsqueeze(1).expand(3, n, c).contiguous().view(3, n * c)
+    # the saved statistics of eval mode are the running ones: the CUDA kernel requires them
+    # (an internal assert without), the CPU one reads the running statistics
+    invstd = torch.rsqrt(var + module.eps)
     grad_in, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
         g.reshape(folded),
         a.reshape(folded),
         weight,
         mean,
         var,
-        None,
-        None,
+        mean,
+        invstd,
         False,
         module.eps,
         [input_grad, True, True],
