@@ -85,9 +85,15 @@ def scores(model_path: str, out: str) -> None:
         # a fresh context (the same rng) for the selection: this process's own, not broadcast
         selection = strategy.query(dataclasses.replace(ctx, rng=np.random.default_rng(7)), K)
         result[f"{name}/selected"] = selection.indices
+    # one batch of candidates for two processes: rank 1 scores none
+    few = dataclasses.replace(ctx, candidates=CANDIDATES[:100])
+    result["few/scores"] = create_strategy("entropy").candidate_scores(few)
     accumulator = ClassificationTask(10).metric_accumulator()
     metrics = evaluate(model, bundle.test, accumulator, device=device, batch_size=64)
     result["test_accuracy"] = np.array([metrics["accuracy"]])
+    accumulator = ClassificationTask(10).metric_accumulator()
+    metrics = evaluate(model, bundle.test, accumulator, np.arange(50), device=device, batch_size=64)
+    result["few_accuracy"] = np.array([metrics["accuracy"]])  # rank 1 evaluates none
     rank = distributed.rank()
     result["uneven"] = distributed.gather(np.arange(3 * rank, 6 * rank, dtype=np.float64))
     Path(out).mkdir(parents=True, exist_ok=True)

@@ -149,7 +149,9 @@ def test_two_processes_score_select_and_evaluate_as_one(fixed_model, tmp_path):
                 np.testing.assert_array_equal(two[f"{name}/scores"], one[f"{name}/scores"])
             assert len(two[f"{name}/selected"]) == K
             np.testing.assert_array_equal(two[f"{name}/selected"], one[f"{name}/selected"])
+        np.testing.assert_array_equal(two["few/scores"], one["few/scores"])
         assert two["test_accuracy"] == one["test_accuracy"]  # counts merged exactly
+        assert two["few_accuracy"] == one["few_accuracy"]
         np.testing.assert_array_equal(two["uneven"], [3.0, 4.0, 5.0])  # rank 0 gave none
 
 

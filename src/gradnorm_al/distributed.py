@@ -108,7 +108,9 @@ def shutdown() -> None:
 # ------------------------------------------------------------------------------ splitting work
 
 
-def shard_bounds(n: int, granule: int, rank_: int | None = None, world: int | None = None):
+def shard_bounds(
+    n: int, granule: int, rank_: int | None = None, world: int | None = None
+) -> tuple[int, int]:
     """``(start, stop)`` of process ``rank_``'s contiguous block of ``n`` items: whole runs of
     ``granule`` items (the scoring batch), as evenly as possible, in rank order. Scored in blocks
     of whole batches, every batch is one the single process would score, so the scores are the
@@ -131,7 +133,9 @@ def check_batch_size(batch_size: int, world: int | None = None) -> None:
         )
 
 
-def split_batches(n: int, batch_size: int, rank_: int | None = None, world: int | None = None):
+def split_batches(
+    n: int, batch_size: int, rank_: int | None = None, world: int | None = None
+) -> tuple[np.ndarray, int, list[float | None]]:
     """How :func:`gradnorm_al.train.fit` splits a training epoch of ``n`` samples:
     ``(positions, per_process, factors)``.
 

@@ -219,8 +219,11 @@ class ScoringStrategy(Strategy):
             return None
         if not self.per_candidate:
             return self.score(ctx)
-        with autocast(ctx.device, ctx.amp):
-            local = self.score(ctx.shard(self.score_granule(ctx)))
+        mine = ctx.shard(self.score_granule(ctx))
+        local = np.zeros(0)  # fewer batches than processes: some have none to score
+        if len(mine.candidates):
+            with autocast(ctx.device, ctx.amp):
+                local = self.score(mine)
         return ctx.gather(np.asarray(local, dtype=np.float64))
 
     def unsupported_task(self, task: Task | None) -> str | None:
