@@ -29,7 +29,7 @@ from gradnorm_al.models import MODELS
 from gradnorm_al.strategies import SelectionContext
 from gradnorm_al.train import TrainConfig, fit
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 SRC = Path(gradnorm_al.__file__).resolve().parents[1]
@@ -136,6 +136,7 @@ def fixed_model(tmp_path_factory, digits) -> Path:
     return path
 
 
+@pytest.mark.slow  # torchrun launches
 def test_two_processes_score_select_and_evaluate_as_one(fixed_model, tmp_path):
     done = _torchrun("scores", str(fixed_model), str(tmp_path / "two"))
     assert done.returncode == 0, done.stderr
@@ -189,6 +190,7 @@ def _rows_with_times(out: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # torchrun launches
 def test_two_process_run_fails_whole_resumes_and_matches_one_process(tiny_cnn, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert gradnorm_al.cli.main([*RUN, "--out", str(one)]) == 0
@@ -235,6 +237,7 @@ strategy_params:
 """
 
 
+@pytest.mark.slow  # torchrun launches
 def test_committees_auxiliary_modules_and_all_candidate_strategies_agree_across_processes(
     tmp_path,
 ):
