@@ -55,6 +55,8 @@ RUN_FLAGS = {
     "--batch-size",
     "--eval-batch-size",
     "--num-workers",
+    "--amp",
+    "--channels-last",
     "--score-batch-size",
     "--norm",
     "--reinit-each-cycle",
@@ -112,6 +114,8 @@ ADDED = {
     "reduction": ("norm", "mean"),
     "model_params": ("strategy_params", {}),
     "eval_batch_size": ("batch_size", 256),
+    "amp": ("num_workers", "none"),
+    "channels_last": ("amp", False),
 }
 YAML_KEYS = list(OLD_KEYS)
 for _key, (_after, _) in ADDED.items():
@@ -298,7 +302,7 @@ def test_keys_with_dashes_the_flag_name_and_one_strategy(tmp_path: Path) -> None
 
 
 def test_yaml_keys_and_their_order_are_todays() -> None:
-    assert len(YAML_KEYS) == 29
+    assert len(YAML_KEYS) == 31
     assert list(ExperimentConfig().to_dict()) == YAML_KEYS
     assert list(yaml.safe_load(ExperimentConfig().to_yaml())) == YAML_KEYS
 

@@ -48,6 +48,20 @@ def eval_mode(model: nn.Module, modules: list[nn.Module] | None = None) -> Itera
             m.training = mode
 
 
+#: the mixed-precision modes of training and scoring: none (the model's dtype) or bfloat16 autocast
+AMP_MODES = ("none", "bf16")
+
+
+def autocast(device: torch.device | str, amp: str) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on ``device`` for ``amp="bf16"`` (CUDA, and the CPU); nothing for
+    ``"none"``."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp != "bf16":
+        raise ConfigError(f"unknown amp mode {amp!r}; use one of {', '.join(AMP_MODES)}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     """Device and dtype of the model's first parameter (CPU and the default dtype if it has
     none)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from . import distributed
 from ._torch import seeded_cpu, snapshot
 from .errors import ConfigError, NonFiniteError, PoolError
 from .oracles import Oracle
@@ -284,7 +286,9 @@ class ActiveLearner:
     def query(self, k: int, candidates: np.ndarray | Sequence[int] | None = None) -> np.ndarray:
         """The ``k`` pool indices the strategy picks among ``candidates`` (default: every
         unlabelled sample), in pick order; the selection and its scores are appended to
-        :attr:`queries`, and :attr:`cycle` advances by one."""
+        :attr:`queries`, and :attr:`cycle` advances by one. Under torchrun every process calls
+        it alike: per-candidate scoring is split between them, and all get rank 0's
+        selection."""
         if candidates is None:
             cand = self.unlabeled
         else:
@@ -307,10 +311,21 @@ class ActiveLearner:
             progress=self.progress,
             trainer=self._trained_member,
             task=self.task,
+            sharded=distributed.is_distributed(),
+            amp=self.train_config.amp,
         )
         with seeded_cpu(derive_seed(self.seed, STRATEGY, self.cycle)):
             with self._named("selection: "):
                 selection: Selection = self.strategy.query(ctx, k)
+        # every process computed the selection; rank 0's is the one (a GPU's arithmetic need
+        # not repeat bit for bit on every process)
+        mine, selection = selection, distributed.broadcast_object(selection)
+        if not np.array_equal(mine.indices, selection.indices):
+            warnings.warn(
+                f"cycle {self.cycle}: process {distributed.rank()} selected other samples than "
+                "rank 0 (arithmetic that differs between devices); rank 0's selection is used",
+                stacklevel=2,
+            )
         self.queries.append(
             {
                 "cycle": self.cycle,

@@ -11,6 +11,7 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
+from . import distributed
 from .errors import ConfigError, NonFiniteError
 from .learner import ActiveLearner
 from .options import option
@@ -178,6 +179,7 @@ def _cycles(
         started = time.perf_counter()
         learner.fit()
         train_seconds = time.perf_counter() - started
+        distributed.fault_point(learner.strategy.name, cycle)  # tests only: a process fails here
         metrics = {f"test_{m}": v for m, v in learner.evaluate(test).items()}
         metrics.update({f"train_{m}": v for m, v in learner.evaluate_labeled().items()})
         if on_trained is not None:

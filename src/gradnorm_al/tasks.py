@@ -59,7 +59,11 @@ def reduce_elements(
 
 
 class MetricAccumulator:
-    """Collects ``(outputs, targets)`` batches and computes a task's metrics at the end."""
+    """Collects ``(outputs, targets)`` batches and computes a task's metrics at the end.
+
+    An accumulator that can add another's counts defines ``merge(other)``; evaluation under
+    torchrun then splits the data between the processes and merges their accumulators (without
+    it, every process evaluates all the data)."""
 
     def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
         raise NotImplementedError
@@ -134,6 +138,10 @@ class _Accuracy(MetricAccumulator):
         self.correct += int((pred == target.cpu()).sum())
         self.total += len(target)
 
+    def merge(self, other: _Accuracy) -> None:
+        self.correct += other.correct
+        self.total += other.total
+
     def compute(self) -> dict[str, float]:
         return {"accuracy": self.correct / self.total if self.total else float("nan")}
 
@@ -205,6 +213,9 @@ class _SegmentationMetrics(MetricAccumulator):
     def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
         pred = output.argmax(dim=1)
         self.matrix += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
+
+    def merge(self, other: _SegmentationMetrics) -> None:
+        self.matrix += other.matrix
 
     def compute(self) -> dict[str, float]:
         return miou_and_pixel_accuracy(self.matrix)

@@ -13,10 +13,12 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ._torch import eval_mode, first_output
+from . import distributed
+from ._torch import AMP_MODES, autocast, eval_mode, first_output
 from .data.batching import iter_batches
 from .errors import NonFiniteError
 from .options import option
+from .seeding import derive_seed
 
 if TYPE_CHECKING:  # tasks sit above train in the layers; fit only calls their methods
     from .tasks import MetricAccumulator, Task
@@ -47,6 +49,15 @@ class TrainConfig:
     )
     num_workers: int = option(
         0, "training data loader worker processes for file-backed datasets", ge=0
+    )
+    amp: str = option(
+        "none",
+        "mixed precision of training and per-candidate scoring: bf16 (bfloat16 autocast; for "
+        "CUDA, works on the CPU) or none",
+        choices=AMP_MODES,
+    )
+    channels_last: bool = option(
+        False, "channels-last memory format for 2-D convolutional models (CUDA)"
     )
 
     def resolved_milestones(self) -> list[int]:
@@ -98,62 +109,94 @@ def fit(
     :class:`Auxiliary`). ``augment(inputs, labels, generator) -> (inputs, labels)`` transforms
     every training batch before it reaches the device, with the seeded batch-order generator
     (a joint augmentation of images and masks, :class:`~gradnorm_al.data.augment.RandomCropFlip`).
+
+    ``cfg.amp="bf16"``: forward pass and loss under bfloat16 autocast; ``cfg.channels_last``: the
+    model (4-D weights) and inputs in channels-last memory format.
+
+    Under torchrun (:mod:`gradnorm_al.distributed`) the model trains under
+    DistributedDataParallel: each global batch of the one-process order is split evenly between
+    the processes (``batch_size`` must be a multiple of their number), a smaller share of the last
+    batch weighs its loss by its samples, and a global batch is skipped unless every process gets
+    two of its samples. BatchNorm normalises each process's share with its own statistics (as
+    DistributedDataParallel does without SyncBatchNorm), so a model with BatchNorm trains a little
+    differently from one process; rank 0's weights and statistics end on every process.
+    ``auxiliary``'s gradients are averaged over the processes.
     """
-    torch.manual_seed(seed)
+    rank = distributed.rank()
+    positions, per_process, factors = distributed.split_batches(len(indices), cfg.batch_size)
+    # the batch order is shared; each process draws its own dropout masks and augmentations
+    torch.manual_seed(seed if rank == 0 else derive_seed(seed, rank))
     generator = torch.Generator().manual_seed(seed)
+    augment_generator = (
+        generator if rank == 0 else torch.Generator().manual_seed(derive_seed(seed, rank))
+    )
+    indices = np.asarray(indices, dtype=np.int64)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     params = list(model.parameters())
+    aux_params = [] if auxiliary is None else list(auxiliary.module.parameters())
     if auxiliary is not None:
-        params += list(auxiliary.module.parameters())
         auxiliary.module.train()
     optimizer = torch.optim.SGD(
-        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        params + aux_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
     schedule = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=cfg.resolved_milestones(), gamma=cfg.gamma
     )
     model.train()
+    net = distributed.ddp(model, device)  # the model itself in one process
     finite = torch.ones((), dtype=torch.bool, device=device)  # read once per epoch: no sync
     epochs = tqdm(range(cfg.epochs), desc=desc, leave=False, unit="epoch", disable=not progress)
     for epoch in epochs:
-        for x, y in iter_batches(
+        # the one-process order, each process reading its share of every batch of it
+        order = torch.randperm(len(indices), generator=generator).numpy()[positions]
+        batches = iter_batches(
             dataset,
-            cfg.batch_size,
-            indices,
-            shuffle=True,
-            generator=generator,
+            per_process,
+            indices[order],
             num_workers=cfg.num_workers,
-            targets=targets,
-        ):
-            if len(x) < 2:
+            targets=None if targets is None else targets[torch.from_numpy(order)],
+        )
+        for (x, y), factor in zip(batches, factors):
+            if factor is None:
                 continue
             if augment is not None:
-                x, y = augment(x, y, generator)
+                x, y = augment(x, y, augment_generator)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = first_output(model(x))
-            if auxiliary is None:
-                loss = F.cross_entropy(logits, y) if task is None else task.loss(logits, y)
-            else:
-                per_sample = (
-                    F.cross_entropy(logits, y, reduction="none")
-                    if task is None
-                    else task.per_sample_loss(logits, y)
-                )
-                loss = per_sample.mean() + auxiliary.loss(per_sample, epoch, cfg.epochs)
+            if cfg.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, cfg.amp):
+                logits = first_output(net(x))
+                if auxiliary is None:
+                    loss = F.cross_entropy(logits, y) if task is None else task.loss(logits, y)
+                else:
+                    per_sample = (
+                        F.cross_entropy(logits, y, reduction="none")
+                        if task is None
+                        else task.per_sample_loss(logits, y)
+                    )
+                    loss = per_sample.mean() + auxiliary.loss(per_sample, epoch, cfg.epochs)
+            if factor != 1.0:  # a share smaller than the others: weigh it by its samples
+                loss = loss * factor
             finite &= torch.isfinite(loss.detach())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(aux_params)
             optimizer.step()
-        weights = torch.stack([torch.isfinite(p).all() for p in params]).all()
-        if not bool(finite & weights.to(finite.device)):
-            what = "training loss" if not bool(finite) else "model's weights after the epoch"
+        weights = torch.stack([torch.isfinite(p).all() for p in params + aux_params]).all()
+        loss_ok, weights_ok = distributed.all_true(finite, weights)
+        if not (loss_ok and weights_ok):
+            what = "training loss" if not loss_ok else "model's weights after the epoch"
             raise NonFiniteError(
                 f"epoch {epoch + 1}: the {what} are not finite (lr {cfg.lr:g}); lower --lr, or "
                 "check the data for NaN or infinite values"
             )
         schedule.step()
     optimizer.zero_grad(set_to_none=True)
+    distributed.broadcast_module(model)  # rank 0's BatchNorm statistics on every process
     model.eval()
     if auxiliary is not None:
+        distributed.broadcast_module(auxiliary.module)
         auxiliary.module.eval()
 
 
@@ -203,14 +246,32 @@ def evaluate(
 ) -> dict[str, float]:
     """The task's metrics (``metrics``, a fresh accumulator) of ``model`` on ``dataset[indices]``
     (all if None), eval mode; ``targets`` replaces the dataset's own labels. Outputs that are
-    not finite raise :class:`~gradnorm_al.errors.NonFiniteError` rather than score a metric."""
+    not finite raise :class:`~gradnorm_al.errors.NonFiniteError` rather than score a metric.
+    Under torchrun each process evaluates a block of the data and the counts of an accumulator
+    with ``merge`` are merged (exact: they are sums)."""
+    sharded = distributed.is_distributed() and callable(getattr(metrics, "merge", None))
+    if sharded:
+        idx = np.arange(len(dataset)) if indices is None else np.asarray(indices, np.int64)
+        start, stop = distributed.shard_bounds(len(idx), batch_size)
+        indices, targets = idx[start:stop], None if targets is None else targets[start:stop]
+    finite = True
     with eval_mode(model):  # each submodule's own mode comes back afterwards
         for x, y in iter_batches(dataset, batch_size, indices, targets=targets):
             output = first_output(model(x.to(device)))
-            if not bool(torch.isfinite(output).all()):
-                raise NonFiniteError(
-                    "evaluation: the model's outputs are not finite (NaN or infinite): the model "
-                    "diverged (lower --lr) or the data holds such values"
-                )
+            finite = bool(torch.isfinite(output).all())
+            if not finite:
+                break
             metrics.update(output, y)
+    if sharded:
+        (finite,) = distributed.all_true(finite)
+    if not finite:
+        raise NonFiniteError(
+            "evaluation: the model's outputs are not finite (NaN or infinite): the model "
+            "diverged (lower --lr) or the data holds such values"
+        )
+    if sharded:
+        parts = distributed.gather_objects(metrics)
+        metrics = parts[0]
+        for part in parts[1:]:
+            metrics.merge(part)  # type: ignore[attr-defined]
     return metrics.compute()

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Sequence
 
+from .. import distributed
 from ..errors import GradnormALError
 from . import analyze, demo, labelstudio, presets, project, report, run, simulate_subtomograms
 from . import list as list_command
-from .common import EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser, print_error
+from .common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser, print_error
 
 COMMANDS = {
     "demo": demo,
@@ -47,17 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command].execute(args)
+        code = COMMANDS[args.command].execute(args)
     except GradnormALError as exc:
-        print_error(str(exc))
+        if distributed.reports(exc):  # under torchrun: an error all processes share, once
+            print_error(distributed.label(str(exc)))
         return EXIT_USAGE
     except OSError as exc:  # not one of ours: the operating system refused (disk full, ...)
         where = f" {exc.filename}" if exc.filename else ""
-        print_error(f"cannot access{where}: {exc.strerror or exc}")
+        print_error(distributed.label(f"cannot access{where}: {exc.strerror or exc}"))
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("gradnorm-al: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        if not distributed.launched():
+            raise
+        if not distributed.lost_peer(exc):  # the cause's traceback; then what it means
+            traceback.print_exc()
+        print_error(distributed.failure_message(exc))
+        return EXIT_FAILURE
+    distributed.shutdown()
+    return code
 
 
 __all__ = ["build_parser", "main"]

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 EXIT_USAGE = 2  # a usage error or a GradnormALError: one line on stderr
+EXIT_FAILURE = 1  # under torchrun: a process failed unexpectedly (traceback, then one line)
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 

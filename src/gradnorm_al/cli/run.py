@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .. import distributed
 from ..errors import ConfigError
 from ..experiment import run_experiment
 from ..experiment.config import ExperimentConfig
@@ -95,6 +96,8 @@ def run_config(config: ExperimentConfig, args: argparse.Namespace, resume: bool 
         progress=not args.quiet,
         log=make_log(args.quiet),
     )
+    if not distributed.is_main():  # under torchrun, rank 0 reports for every process
+        return 0
     print(result.table, end="")
     print(
         f"wrote {result.out_dir}/ (results.csv, selections.jsonl, summary.md, curves.png, "

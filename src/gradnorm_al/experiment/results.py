@@ -49,10 +49,12 @@ def record_row(record: CycleRecord) -> dict[str, Any]:
 
 class ResultsStore:
     """Accumulates rows and selections; every :meth:`add` rewrites both files atomically, so a
-    crash leaves the files of the last finished cycle."""
+    crash leaves the files of the last finished cycle. ``write=False``: rows only, no file (the
+    processes of a torchrun run but rank 0)."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, write: bool = True) -> None:
         self.out_dir = out_dir
+        self.write = write
         self.rows: list[dict[str, Any]] = []
         self.selections: list[dict[str, Any]] = []
 
@@ -72,6 +74,8 @@ class ResultsStore:
             self.flush()
 
     def flush(self) -> None:
+        if not self.write:
+            return
         atomic_write_text(self.out_dir / RESULTS_FILE, rows_to_csv(self.rows))
         atomic_write_text(
             self.out_dir / SELECTIONS_FILE, "".join(json.dumps(s) + "\n" for s in self.selections)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed
 from ..atomic import atomic_write_text, is_temporary, remove_temporaries
 from ..data import DatasetBundle, load_dataset
 from ..errors import ConfigError, GradnormALError, RunDirectoryError, WriteError
@@ -63,7 +64,13 @@ RUN_FOLDERS = {
 RESUMABLE_OPTIONS = ("device", "data_root", "download")
 #: options added after runs were first recorded, with the value they had before: recorded in a
 #: run's protocol only when set otherwise, so that older runs still resume
-LATER_OPTIONS: dict[str, Any] = {"reduction": "mean", "model_params": {}, "eval_batch_size": 256}
+LATER_OPTIONS: dict[str, Any] = {
+    "reduction": "mean",
+    "model_params": {},
+    "eval_batch_size": 256,
+    "amp": "none",
+    "channels_last": False,
+}
 
 
 @dataclass
@@ -308,11 +315,17 @@ def run_experiment(
     (checksum verified, its recorded configuration compared with ``config``) before results.csv
     is first rewritten, so it never holds fewer finished rows than before; temporary files of a
     killed writer are removed.
+
+    Under torchrun (``torchrun --nproc_per_node N -m gradnorm_al run ...``) every process runs
+    this call: the model trains under DistributedDataParallel, per-candidate scoring and
+    evaluation are split between the processes, and only rank 0 locks and writes the folder (a
+    resume's states are read there and sent to the others); see :mod:`gradnorm_al.distributed`.
     """
     started = time.perf_counter()
     config.check()
     validate_names(config)
-    device = resolve_device(config.device)
+    device = distributed.setup(resolve_device(config.device))
+    distributed.check_batch_size(config.batch_size)
     out = Path(out_dir)
     if resume:
         read_run_config(out)  # raises the explanation when there is no run to resume
@@ -331,7 +344,8 @@ def run_experiment(
     for strategy in strategies.values():
         check_task(strategy, task)
     plan = _Plan(config, bundle, loop, train, strategies, model_name, factory, device)
-    with run_lock(out):
+    with contextlib.ExitStack() as held:  # rank 0 holds the folder's lock for every process
+        distributed.on_rank0(lambda: held.enter_context(run_lock(out)))
         return _run_locked(plan, out, started, overwrite, resume, progress, log)
 
 
@@ -387,30 +401,46 @@ def _run_locked(
     config, bundle, loop, train = plan.config, plan.bundle, plan.loop, plan.train
     strategies, model_name, device = plan.strategies, plan.model_name, plan.device
     model_factory = plan.model_factory
-    if resume:
-        remove_temporaries(out)  # a killed writer's; we hold the lock, so none is live
-    else:
-        prepare_out_dir(out, overwrite)
-        atomic_write_text(out / CONFIG_FILE, config.to_yaml())
+    main = distributed.is_main()  # the process that writes, logs and shows progress
+    if not main:
+        progress, log = False, lambda _msg: None
     recorded = protocol(config)
-    store = ResultsStore(out)
-    states = {}
+
+    def open_folder() -> dict[tuple[str, int], Any]:
+        if resume:
+            remove_temporaries(out)  # a killed writer's; we hold the lock, so none is live
+        else:
+            prepare_out_dir(out, overwrite)
+            atomic_write_text(out / CONFIG_FILE, config.to_yaml())
+        states = {}
+        if resume:
+            _check_no_stray_states(out, config)
+            for trial in range(config.trials):
+                for name in strategies:
+                    path = state_path(out, name, trial)
+                    if path.exists():
+                        states[name, trial] = load_state(
+                            path,
+                            strategy=name,
+                            trial=trial,
+                            seed=config.seed + trial,
+                            config=recorded,
+                        )
+        return states
+
+    states = distributed.on_rank0(open_folder)  # read on rank 0, sent to every process
+    store = ResultsStore(out, write=main)
     if resume:  # every finished row back before the first rewrite: never fewer rows than before
-        _check_no_stray_states(out, config)
-        for trial in range(config.trials):
-            for name in strategies:
-                path = state_path(out, name, trial)
-                if path.exists():
-                    states[name, trial] = state = load_state(
-                        path, strategy=name, trial=trial, seed=config.seed + trial, config=recorded
-                    )
-                    for record in state.records:
-                        store.add(record, flush=False)
+        for state in states.values():
+            for record in state.records:
+                store.add(record, flush=False)
         store.flush()
+    processes = distributed.world_size()
     log(
         f"{bundle.name}: pool {bundle.pool_size}, test {len(bundle.test)}, model {model_name}, "
         f"budget {loop.budget(bundle.pool_size)} per cycle, {config.cycles} cycles, "
         f"{config.trials} trial(s), device {device}"
+        + (f" x {processes} processes" if processes > 1 else "")
     )
     for trial in range(config.trials):
         for name, strategy in strategies.items():
@@ -455,8 +485,8 @@ def _run_locked(
                 schedule=loop,
                 trial=trial,
                 on_cycle=store.add,
-                on_state=checkpoint,
-                on_trained=keep if config.keep_models else None,
+                on_state=checkpoint if main else None,
+                on_trained=keep if config.keep_models and main else None,
                 resume=state,
             )
             metric = next(iter(records[-1].metrics)) if records else "test_accuracy"
@@ -465,5 +495,5 @@ def _run_locked(
                 f"trial {trial} {name}: {metric.replace('_', ' ')} {values} "
                 f"({time.perf_counter() - t0:.1f}s)"
             )
-    table = write_summary(store.rows, config.to_dict(), out)
+    table = write_summary(store.rows, config.to_dict(), out) if main else ""
     return ExperimentResult(out, store.rows, table, time.perf_counter() - started)

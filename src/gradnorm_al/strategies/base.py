@@ -8,6 +8,7 @@ sampler (e.g. ``entropy-gradnorm@power``). Strategies never see the loop's inter
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from .. import distributed
+from .._torch import autocast
 from ..errors import ConfigError, NonFiniteError, PoolError, SelectionError
 from ..options import check_arguments
 from ..registry import Registry
@@ -46,6 +49,9 @@ class SelectionContext:
         where no training is possible (strategies that need it then refuse with a clear error).
     task : the task (its ``reduction`` turns dense per-element scores into one per sample);
         None means one class label per sample, mean reduction.
+    sharded : whether this process is one of several under torchrun that split per-candidate
+        work (:meth:`shard`, :meth:`gather`); every one of them holds this same context.
+    amp : ``"bf16"``: per-candidate scoring runs under bfloat16 autocast; ``"none"``: it does not.
     """
 
     model: nn.Module
@@ -59,6 +65,22 @@ class SelectionContext:
     progress: bool = False
     trainer: Callable[[np.ndarray, int], nn.Module] | None = None
     task: Task | None = None
+    sharded: bool = False
+    amp: str = "none"
+
+    def shard(self, granule: int | None = None) -> SelectionContext:
+        """This process's share of the candidates: a contiguous block of whole runs of
+        ``granule`` candidates (default: the batch size), as a context of its own (not sharded).
+        The context itself when it is not sharded."""
+        if not self.sharded:
+            return self
+        start, stop = distributed.shard_bounds(len(self.candidates), granule or self.batch_size)
+        return dataclasses.replace(self, candidates=self.candidates[start:stop], sharded=False)
+
+    def gather(self, values: np.ndarray) -> np.ndarray:
+        """Every process's ``values`` for its :meth:`shard`, in candidate order, on every process
+        (``values`` as it is when the context is not sharded)."""
+        return distributed.gather(np.asarray(values)) if self.sharded else values
 
     def reduce(self, values: torch.Tensor) -> torch.Tensor:
         """[N, ...] per-element scores -> [N] with the task's reduction (mean without a task)."""
@@ -174,10 +196,35 @@ class ScoringStrategy(Strategy):
     has_scores: bool = True
     #: whether every score is >= 0 (samplers with weights ``s ** beta`` need it)
     nonnegative_scores: bool = False
+    #: whether a candidate's score depends on that candidate and the model alone, with no random
+    #: draw: such scoring is split across processes under torchrun and runs under the context's
+    #: autocast (:meth:`candidate_scores`)
+    per_candidate: bool = False
 
     def score(self, ctx: SelectionContext) -> np.ndarray | None:
         """float64 [M]: one utility per candidate, in the order of ``ctx.candidates``."""
         raise NotImplementedError
+
+    def score_granule(self, ctx: SelectionContext) -> int:
+        """The number of candidates :meth:`score` computes together (its batch): a process's
+        share is whole runs of it, so sharded scores equal one process's bit for bit."""
+        return ctx.batch_size
+
+    def candidate_scores(self, ctx: SelectionContext) -> np.ndarray | None:
+        """:meth:`score` of every candidate (None without scores). A :attr:`per_candidate`
+        scorer scores this process's :meth:`~SelectionContext.shard` under the context's
+        autocast and gathers the full vector, in candidate order, on every process; any other
+        runs whole on every process (same seeds, same result)."""
+        if not self.has_scores:
+            return None
+        if not self.per_candidate:
+            return self.score(ctx)
+        mine = ctx.shard(self.score_granule(ctx))
+        local = np.zeros(0)  # fewer batches than processes: some have none to score
+        if len(mine.candidates):
+            with autocast(ctx.device, ctx.amp):
+                local = self.score(mine)
+        return ctx.gather(np.asarray(local, dtype=np.float64))
 
     def unsupported_task(self, task: Task | None) -> str | None:
         reason = super().unsupported_task(task)
@@ -189,7 +236,7 @@ class ScoringStrategy(Strategy):
         return reason
 
     def select(self, ctx: SelectionContext, k: int) -> Selection:
-        scores = self.score(ctx) if self.has_scores else None
+        scores = self.candidate_scores(ctx)
         if scores is not None:
             scores = np.asarray(scores, dtype=np.float64)
             if scores.shape != (len(ctx.candidates),):

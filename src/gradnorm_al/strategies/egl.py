@@ -170,6 +170,7 @@ class EGLStrategy(ScoringStrategy):
     """Top-K candidates by :func:`expected_gradient_lengths`."""
 
     nonnegative_scores = True  # norms, entropies, disagreements
+    per_candidate = True
     dense_reason = (
         "the expected gradient length sums a gradient norm over every possible label, and a "
         "segmentation label is a whole mask (C ** pixels of them): intractable; use "
@@ -179,8 +180,11 @@ class EGLStrategy(ScoringStrategy):
     def __init__(self, norm: Annotated[str, OneOf(EGL_NORMS)] = "l2") -> None:
         self.norm = norm
 
+    def score_granule(self, ctx: SelectionContext) -> int:
+        return max(1, ctx.batch_size // ctx.num_classes)
+
     def score(self, ctx: SelectionContext) -> np.ndarray:
-        per_call = max(1, ctx.batch_size // ctx.num_classes)
+        per_call = self.score_granule(ctx)
         _, dtype = _device_dtype(ctx.model)
         batches = iter_batches(ctx.pool, per_call, ctx.candidates)
         if ctx.progress:

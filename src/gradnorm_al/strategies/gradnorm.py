@@ -151,6 +151,7 @@ class GradnormStrategy(ScoringStrategy):
 
     nonnegative_scores = True  # norms, entropies, disagreements
     supports_dense = True  # per-pixel losses reduced with the task's reduction (entropy only)
+    per_candidate = True
 
     def __init__(
         self,

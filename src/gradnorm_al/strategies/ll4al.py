@@ -240,6 +240,7 @@ class LL4ALStrategy(ScoringStrategy):
         reaches the task model (published 120 of 200 epochs = 0.6).
     """
 
+    per_candidate = True
     dense_reason = (
         "its loss-prediction module is implemented and checked for one classification loss per "
         "sample only; predicting an image's reduced pixel loss is not implemented"

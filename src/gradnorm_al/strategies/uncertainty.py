@@ -56,6 +56,7 @@ class _ProbabilityScoring(ScoringStrategy):
     """Top-K by a formula on the float64 softmax probabilities of the candidates."""
 
     supports_dense = True  # per-pixel formulas, reduced with the task's reduction
+    per_candidate = True
 
     @staticmethod
     def formula(probs: torch.Tensor) -> torch.Tensor:
