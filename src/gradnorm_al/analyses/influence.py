@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import spearmanr
 from torch import nn
 from torch.utils.data import Subset
 
@@ -104,6 +103,8 @@ def _sample(indices: np.ndarray, size: int | None, generator: np.random.Generato
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
+    from scipy.stats import spearmanr  # not at import: scipy.stats takes ~0.8 s to load
+
     return float(spearmanr(a, b).statistic)
 
 

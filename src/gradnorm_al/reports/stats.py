@@ -24,7 +24,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats as sps
+
+
+def _scipy_stats():
+    # imported when a statistic is computed, not with the package: scipy.stats alone takes
+    # ~0.8 s to import, which every CLI command (and every subprocess a test starts) would pay
+    from scipy import stats
+
+    return stats
+
 
 ALPHA = 0.05
 MAX_EXACT_TRIALS = 16  # 2^16 sign patterns; beyond, a seeded Monte Carlo estimate
@@ -46,7 +54,7 @@ def paired_t_pvalue(a: Sequence[float], b: Sequence[float]) -> float:
         return math.nan
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return float(sps.ttest_rel(a, b).pvalue)
+        return float(_scipy_stats().ttest_rel(a, b).pvalue)
 
 
 def sign_flip_pvalue(
@@ -140,7 +148,8 @@ def mean_interval(d: Sequence[float], level: float = 1 - ALPHA) -> tuple[float, 
     d = np.asarray(d, dtype=np.float64)
     if len(d) < 2:
         return math.nan, math.nan
-    half = float(sps.t.ppf(0.5 + level / 2, len(d) - 1)) * float(d.std(ddof=1)) / math.sqrt(len(d))
+    t = float(_scipy_stats().t.ppf(0.5 + level / 2, len(d) - 1))
+    half = t * float(d.std(ddof=1)) / math.sqrt(len(d))
     return float(d.mean()) - half, float(d.mean()) + half
 
 
@@ -226,6 +235,6 @@ def mean_trial_ranks(aucs: Mapping[str, Mapping[int, float]]) -> tuple[dict[str,
     if not shared:
         return {}, []
     ranks = np.array(
-        [sps.rankdata([-aucs[s][t] for s in names], method="average") for t in shared]
+        [_scipy_stats().rankdata([-aucs[s][t] for s in names], method="average") for t in shared]
     )  # [trials, strategies]
     return {s: float(r) for s, r in zip(names, ranks.mean(axis=0))}, shared
