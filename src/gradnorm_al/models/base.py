@@ -14,11 +14,27 @@ ModelFactory = Callable[..., nn.Module]
 MODELS: Registry[ModelFactory] = Registry("model")
 
 
+def float32_head(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """``head(features)``, in float32 outside bfloat16 / float16 autocast (the mixed-precision
+    option ``amp``): logits rounded to bfloat16 move the entropy of confident predictions, and
+    with it the gradient-norm scores. Measured on smallcnn / digits (10 and 30 epochs, 300
+    candidates): relative L2 error of entropy-gradnorm scores vs float32 1.0% with a bfloat16
+    head, 0.66-0.73% with this one. The head is one small layer: the cost is negligible."""
+    device = features.device.type
+    if not torch.is_autocast_enabled(device):
+        return head(features)
+    if features.dtype in (torch.bfloat16, torch.float16):
+        features = features.float()
+    with torch.autocast(device, enabled=False):
+        return head(features)
+
+
 class TaskModel(nn.Module):
     """A classifier split into a feature extractor and a linear head.
 
     ``embed(x)`` returns the penultimate-layer features [N, feature_dim] (what diversity strategies
-    use); ``forward(x)`` returns logits [N, num_classes] = ``classifier(embed(x))``.
+    use); ``forward(x)`` returns logits [N, num_classes] = ``classifier(embed(x))``, the head in
+    float32 under mixed-precision autocast (see :func:`float32_head`).
     """
 
     #: logits are [N, num_classes] (see :class:`DenseTaskModel` for [N, C, H, W])
@@ -30,7 +46,7 @@ class TaskModel(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.embed(x))
+        return float32_head(self.classifier, self.embed(x))
 
 
 class DenseTaskModel(nn.Module):
@@ -39,7 +55,8 @@ class DenseTaskModel(nn.Module):
 
     ``features(x)`` returns the backbone's feature map [N, feature_dim, h, w];
     ``forward(x)`` returns logits [N, num_classes, H, W] for an input [N, C_in, H, W], the
-    bilinear upsampling (``align_corners=False``) of ``classifier(features(x))``;
+    bilinear upsampling (``align_corners=False``) of ``classifier(features(x))`` (the head and
+    the upsampling in float32 under mixed-precision autocast, see :func:`float32_head`);
     ``embed(x)`` returns the feature map averaged over its positions, [N, feature_dim] (what
     diversity strategies use, as for :class:`TaskModel`).
     """
@@ -55,7 +72,7 @@ class DenseTaskModel(nn.Module):
         return self.features(x).mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.classifier(self.features(x))
+        logits = float32_head(self.classifier, self.features(x))
         return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)
 
 
