@@ -266,7 +266,9 @@ def test_package_models(name, shape):
     torch.manual_seed(0)
     model = randomise_bn(create_model(name, num_classes=10, in_channels=shape[0])).double()
     x = torch.randn(3, *shape, dtype=torch.float64)
-    _assert_exact(model, x, chunk_size=2)
+    # vgg16's 138M float64 parameters: the per-tensor norms alone (the reductions of them are
+    # checked on every other model)
+    _assert_exact(model, x, chunk_size=2, norms=["per-tensor"] if name == "vgg16" else NORMS)
 
 
 @pytest.mark.parametrize("name", ["cnn3d", "resnet3d"])
