@@ -57,6 +57,7 @@ RUN_FLAGS = {
     "--num-workers",
     "--amp",
     "--channels-last",
+    "--augment",
     "--score-batch-size",
     "--norm",
     "--reinit-each-cycle",
@@ -116,6 +117,7 @@ ADDED = {
     "eval_batch_size": ("batch_size", 256),
     "amp": ("num_workers", "none"),
     "channels_last": ("amp", False),
+    "augment": ("model_params", "dataset"),
 }
 YAML_KEYS = list(OLD_KEYS)
 for _key, (_after, _) in ADDED.items():
@@ -302,7 +304,7 @@ def test_keys_with_dashes_the_flag_name_and_one_strategy(tmp_path: Path) -> None
 
 
 def test_yaml_keys_and_their_order_are_todays() -> None:
-    assert len(YAML_KEYS) == 31
+    assert len(YAML_KEYS) == 32
     assert list(ExperimentConfig().to_dict()) == YAML_KEYS
     assert list(yaml.safe_load(ExperimentConfig().to_yaml())) == YAML_KEYS
 

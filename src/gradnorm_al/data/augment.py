@@ -1,4 +1,5 @@
-"""Joint augmentation of a training batch whose labels move with the pixels (segmentation).
+"""Augmentation of training batches: joint for labels that move with the pixels
+(segmentation), shifts and flips of classification images (the ``augment`` option).
 
 A dense label (a mask) must be cropped and flipped exactly like its image. The learner holds the
 labels (they reach training only through ``ActiveLearner.update``), so the augmentation is
@@ -76,3 +77,71 @@ class RandomCropFlip:
         xs = [x[i, :, t : t + ch, s : s + cw] for i, (t, s) in enumerate(zip(tops, lefts))]
         ys = [y[i, t : t + ch, s : s + cw] for i, (t, s) in enumerate(zip(tops, lefts))]
         return torch.stack(xs), torch.stack(ys)
+
+
+#: the ``augment`` option of a run: the dataset's own training augmentation, none, or random
+#: shifts (``crop``) and also horizontal flips (``crop-flip``) of classification images
+AUGMENTATIONS = ("dataset", "none", "crop", "crop-flip")
+
+
+class PadCropFlip:
+    """Random shifts of classification images [N, C, H, W]: each image is padded by ``padding``
+    pixels on every side, repeating its border pixels (what a shifted photograph or a digit on a
+    plain background would show; the padding never adds an edge), and a random window of the
+    original size is cut out; then, with ``flip``, flipped horizontally with probability 1/2.
+    The labels [N] pass through unchanged. The batch-level equivalent of torchvision's
+    ``RandomCrop(size, padding)`` + ``RandomHorizontalFlip()``, applied by the training loop with
+    its seeded generator (see :mod:`gradnorm_al.data.augment`)."""
+
+    def __init__(self, padding: int, flip: bool = True) -> None:
+        if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+            raise ConfigError(f"padding must be a non-negative integer, got {padding!r}")
+        self.padding, self.flip = padding, bool(flip)
+
+    def __repr__(self) -> str:
+        return f"PadCropFlip(padding={self.padding}, flip={self.flip})"
+
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dim() != 4 or y.shape[:1] != x.shape[:1]:
+            raise ValueError(
+                f"PadCropFlip needs images [N, C, H, W] and one label per image, got "
+                f"{tuple(x.shape)} and {tuple(y.shape)}"
+            )
+        n, _, h, w = x.shape
+        p = self.padding
+        if p:
+            padded = F.pad(x, (p, p, p, p), mode="replicate")
+            tops = torch.randint(0, 2 * p + 1, (n,), generator=generator).tolist()
+            lefts = torch.randint(0, 2 * p + 1, (n,), generator=generator).tolist()
+            x = torch.stack(
+                [padded[i, :, t : t + h, s : s + w] for i, (t, s) in enumerate(zip(tops, lefts))]
+            )
+        if self.flip:
+            flip = torch.rand(n, generator=generator) < 0.5
+            if bool(flip.any()):
+                x = x.clone()
+                x[flip] = x[flip].flip(-1)
+        return x, y
+
+
+def training_augmentation(bundle, choice: str):
+    """(training view of the pool, batch augmentation) of a dataset for the ``augment`` option:
+    ``dataset`` keeps the dataset's own; ``none`` trains on the evaluation view; ``crop`` and
+    ``crop-flip`` add :class:`PadCropFlip` (padding 1/8 of the image side, as CIFAR's 4 of 32) to
+    the evaluation view of a classification dataset of images."""
+    if choice not in AUGMENTATIONS:
+        raise ConfigError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {choice!r}")
+    if choice == "dataset":
+        return bundle.train, bundle.augment
+    if choice == "none":
+        return bundle.train_eval, None
+    if bundle.dense or len(bundle.image_size) != 2:
+        kind = bundle.task if bundle.dense else f"{len(bundle.image_size)}-D"
+        raise ConfigError(
+            f"augment {choice} shifts 2-D classification images; dataset {bundle.name} is "
+            f"{kind}: use augment dataset or none"
+        )
+    side = min(bundle.image_size)
+    return bundle.train_eval, PadCropFlip(max(1, side // 8), flip=choice == "crop-flip")

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from ..data.augment import AUGMENTATIONS
 from ..errors import ConfigError, ConfigFileError, read_text
 from ..loop import LoopConfig
 from ..options import from_mapping, option, to_mapping, validate
@@ -63,6 +64,14 @@ class _Setup:
         "keyword arguments of the model's factory, e.g. {width: 8} for cnn3d (config files "
         "only; num_classes and in_channels come from the dataset)",
         cli=False,
+    )
+    augment: str = option(
+        "dataset",
+        "training augmentation: dataset (the dataset's own: crops and flips for CIFAR, SVHN, "
+        "Caltech101, ImageNet and segmentation, none for digits, MNIST, Fashion-MNIST and "
+        "subtomograms), none, crop (random shifts by up to 1/8 of the side) or crop-flip (and "
+        "horizontal flips)",
+        choices=AUGMENTATIONS,
     )
     keep_models: bool = option(
         False,

@@ -17,6 +17,7 @@ from torch import nn
 from .. import distributed
 from ..atomic import atomic_write_text, is_temporary, remove_temporaries
 from ..data import DatasetBundle, load_dataset
+from ..data.augment import training_augmentation
 from ..errors import ConfigError, GradnormALError, RunDirectoryError, WriteError
 from ..learner import ActiveLearner
 from ..loop import LoopConfig, run_trial
@@ -70,6 +71,7 @@ LATER_OPTIONS: dict[str, Any] = {
     "eval_batch_size": 256,
     "amp": "none",
     "channels_last": False,
+    "augment": "dataset",
 }
 
 
@@ -253,10 +255,13 @@ def bundle_learner(
     name: str | None = None,
     progress: bool = False,
     reduction: str = "mean",
+    augment: str = "dataset",
 ) -> ActiveLearner:
     """The learner of one benchmark trial on a packaged dataset: its task, the dataset's own
-    labels as the oracle, augmentation on the training view (dense data: the dataset's joint
-    augmentation of images and masks)."""
+    labels as the oracle, the training augmentation chosen by ``augment`` (see
+    :func:`~gradnorm_al.data.augment.training_augmentation`; ``dataset``: the training view, and
+    for dense data the dataset's joint augmentation of images and masks)."""
+    train_pool, batch_augment = training_augmentation(bundle, augment)
     return ActiveLearner(
         model_factory,
         bundle.train_eval,
@@ -266,8 +271,8 @@ def bundle_learner(
             bundle.train_targets if bundle.train_targets is not None else bundle.train_eval
         ),
         train=train,
-        train_pool=bundle.train,
-        augment=bundle.augment,
+        train_pool=train_pool,
+        augment=batch_augment,
         device=device,
         seed=seed,
         batch_size=schedule.score_batch_size,
@@ -340,6 +345,7 @@ def run_experiment(
         name: create_strategy(name, **strategy_kwargs(config, name)) for name in config.strategies
     }
     model_name, factory = model_factory(config, bundle)
+    training_augmentation(bundle, config.augment)  # refuses crops of what is not an image
     task = bundle_task(bundle, config.reduction)
     for strategy in strategies.values():
         check_task(strategy, task)
@@ -478,6 +484,7 @@ def _run_locked(
                 name=f"{name} t{trial}",
                 progress=progress,
                 reduction=config.reduction,
+                augment=config.augment,
             )
             records = run_trial(
                 learner,
