@@ -213,6 +213,7 @@ def test_merge_runs_of_different_strategies_on_the_same_seeds(tmp_path):
         ({"epochs": 2}, ConfigError, "protocol: epochs is 1 in .* but 2 in"),
         ({"dataset": "mnist"}, ConfigError, "protocol: dataset is 'digits'"),
         ({"budget_fraction": 0.1}, ConfigError, "protocol: budget_fraction"),
+        ({"augment": "crop"}, ConfigError, "protocol: augment is 'dataset' in .* but 'crop'"),
     ],
 )
 def test_merging_mismatched_runs_is_refused(tmp_path, options, error, message):

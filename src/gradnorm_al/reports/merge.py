@@ -38,6 +38,10 @@ PROTOCOL_KEYS = (
     "milestones",
     "gamma",
     "batch_size",
+    "augment",
+    "reduction",
+    "model_params",
+    "amp",
 )
 
 
