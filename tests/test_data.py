@@ -609,3 +609,21 @@ def test_to_normalised_tensor_matches_torchvision() -> None:
 
 def test_all_readers_registered() -> None:
     assert {"mnist", "fashion-mnist", "cifar10", "cifar100", "svhn"} <= set(DATASETS.names())
+
+
+def test_digits_are_scikit_learns_with_its_split_frozen():
+    from sklearn.datasets import load_digits as sk_load_digits
+    from sklearn.model_selection import train_test_split
+
+    from gradnorm_al.data.digits import SPLIT_FILE, read_digits
+
+    bunch = sk_load_digits()
+    images, targets = read_digits()
+    np.testing.assert_array_equal(images, bunch.images)
+    np.testing.assert_array_equal(targets, bunch.target)
+    train, test = train_test_split(
+        np.arange(1797), test_size=0.2, random_state=0, stratify=bunch.target
+    )
+    with np.load(SPLIT_FILE) as split:
+        np.testing.assert_array_equal(split["train"], train)
+        np.testing.assert_array_equal(split["test"], test)
