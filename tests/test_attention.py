@@ -11,8 +11,12 @@ import pytest
 import torch
 from torch import nn
 
+from gradnorm_al.models import create_model
 from gradnorm_al.pergrad import FallbackWarning, per_sample_grad_norms, per_sample_grad_norms_loop
 from gradnorm_al.strategies import entropy_loss
+
+# tiny networks: several intra-op threads on a busy 2-core machine slow every step (conftest)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REL = 1e-9  # float64: relative L2 error of the whole per-tensor norm matrix
 L, E, HEADS = 4, 8, 2
@@ -303,7 +307,7 @@ class Encoder(nn.Module):
             kpm[:, 0] = False
             kw["src_key_padding_mask"] = kpm
         if self.mask == "causal":
-            kw["mask"] = nn.Transformer.generate_square_subsequent_mask(L, dtype=x.dtype)
+            kw["mask"] = torch.ones(L, L, dtype=torch.bool).triu(1)  # as the padding mask
             kw["is_causal"] = True
         if isinstance(self.enc, nn.TransformerEncoderLayer) and "mask" in kw:
             kw["src_mask"] = kw.pop("mask")
@@ -381,3 +385,21 @@ def test_a_vision_transformer_subclass_with_its_own_forward_falls_back():
         num_classes=3,
     )
     _check(_randomise(model.double()), torch.randn(3, 3, 8, 8, dtype=torch.float64), warn=True)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, n",
+    [
+        ("vit-small-cifar", {}, 3),
+        # all of ViT-B/16's 86.6M parameters, on 32x32 images (5 tokens) to keep it quick
+        ("vit-b-16", {"image_size": 32}, 2),
+    ],
+)
+def test_registry_vision_transformers_are_exact(name, kwargs, n):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=4, in_channels=3, **kwargs).double()
+    with torch.no_grad():  # torchvision's head starts at zero (no gradient reaches the rest)
+        model.classifier.weight.normal_()
+        model.net.class_token.normal_()
+    x = torch.randn(n, 3, model.image_size, model.image_size, dtype=torch.float64)
+    _check(model, x)
