@@ -403,3 +403,23 @@ def test_registry_vision_transformers_are_exact(name, kwargs, n):
         model.net.class_token.normal_()
     x = torch.randn(n, 3, model.image_size, model.image_size, dtype=torch.float64)
     _check(model, x)
+
+
+def test_a_tiny_run_with_a_registry_vit_scores_on_the_batched_path(tmp_path, small_digits):
+    # digits are 1x8x8: the model takes one channel and 8x8 images (2x2 patches of 4x4)
+    from gradnorm_al import ExperimentConfig
+    from gradnorm_al.experiment import run_experiment
+
+    cfg = ExperimentConfig(
+        strategies=["entropy-gradnorm"],
+        trials=1,
+        cycles=2,
+        epochs=1,
+        batch_size=64,
+        model="vit-small-cifar",
+        model_params={"image_size": 8, "num_layers": 1},
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        result = run_experiment(cfg, tmp_path / "run", progress=False, bundle=small_digits)
+    assert [row["cycle"] for row in result.rows] == [0, 1]

@@ -75,7 +75,8 @@ class ViT(TaskModel):
         if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
             raise ConfigError(
                 f"this vision transformer takes {self.image_size}x{self.image_size} images, got "
-                f"{x.shape[-2]}x{x.shape[-1]}; set the model parameter image_size"
+                f"{x.shape[-2]}x{x.shape[-1]}; set the model parameter image_size (a labelling "
+                f"project: create it with image_size {self.image_size})"
             )
         return self.net(x)
 
