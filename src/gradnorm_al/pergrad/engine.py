@@ -30,13 +30,35 @@ smallcnn chunk of 64 on the CPU). Not covered: a model whose output for a sample
 sample's position in the batch, or that mixes samples in eval mode (no per-sample gradient is
 defined then; the reference is one backward per sample).
 
+Composite rules (:mod:`.composite`). Some modules read their parameters through operations of
+their own forward rather than through children's forwards: ``nn.MultiheadAttention`` (its
+``out_proj`` weight goes to ``F.multi_head_attention_forward``), torchvision's vision transformer
+(a positional table and a class token broadcast over the batch). During a chunk such a module's
+forward is replaced, at instance level, by its composite's re-implementation, which returns the
+stock forward's values and taps intermediate tensors (projection outputs, the broadcast views of
+the tables); the gradient of each tap goes through the layer rules (the linear rule for the
+attention projections, with T = sequence length) and the contributions to a parameter add up. A
+tap the backward would not reach (computed from parameters only, or from inputs that do not
+require grad) is differentiated against directly, like the first modules' outputs. The composite
+declares where the batch is in its inputs and outputs; the two-batch-size shape check must agree,
+else the whole model falls back. Covered: ``nn.MultiheadAttention`` (packed or separate
+projections, biases, ``add_bias_kv``, ``add_zero_attn``, every mask, ``need_weights``,
+``is_causal``, ``batch_first`` either way), hence ``nn.TransformerEncoderLayer`` /
+``nn.TransformerEncoder`` (the fused inference paths are never taken: the chunk runs with grad,
+the probe with the fast path off), and torchvision's ``VisionTransformer`` and its ``Encoder``.
+Position-wise rules (Linear, LayerNorm, Embedding) take the batch from whatever leading dimension
+holds it (a sequence-first [L, N, E] layout), moved to the front.
+
 Exactness guards. The autograd graph is walked to find every trainable parameter the loss reaches;
 each must be owned by a module that ran exactly once and whose rule covered it, and must feed the
-graph through exactly one edge; a parameter of a module without a rule must be read only by graph
-nodes its module's forward made (autograd sequence numbers, taken in a pre-hook and the forward
-hook of such modules only, bracket that forward). Anything else (tied or shared weights, a module
+graph through exactly one edge; a parameter of a module without a rule, or of a composite
+rule, must be read only by graph nodes its module's forward made (autograd sequence numbers,
+taken in a pre-hook and the forward hook of such modules only, bracket that forward). A
+composite's tap that the loss reaches but that did not run sends the chunk to the whole-model
+path too (never counted as zero). Anything else (tied or shared weights, a module
 called twice, parameters used outside their module, BatchNorm without running statistics, an output
-without the batch, a PackedSequence) makes the chunk fall back to an exact whole-model path with
+without the batch, a PackedSequence, a composite whose layout or input it does not support, e.g.
+an unbatched attention call) makes the chunk fall back to an exact whole-model path with
 one warning: ``torch.func``, or one plain backward pass per sample where torch.func cannot run the
 model (recurrent layers). Modules without a rule get an exact per-module fallback: per-sample
 vector-Jacobian products of that module via ``torch.func`` (vmap), or, for ``nn.LSTM`` / ``nn.GRU``
