@@ -1,0 +1,378 @@
+"""Batched exact per-sample gradient norms of ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN``.
+
+:func:`recurrent_forward` runs a recurrent module like its own forward (the native fused kernel,
+one call per layer, so that every layer's input and hidden sequence are kept) inside an autograd
+function whose backward runs back-propagation through time itself and reports, through a
+``record(param_name, squared_norms)`` callback, float64 [N] per-sample squared gradient norms of
+every trainable parameter, while the input gradient (and the initial state's, when it requires
+grad) flows on as usual. No parameter gradient is formed for the batch.
+
+The backward, per layer (top first) and direction. With X [T, N, E] the layer's input and
+H [T, N, H] its hidden sequence (what the native forward returned), the state each step read is
+H shifted by one step (h0 first), so the gate pre-activations of all steps come from two large
+products, ``Z = X W_ih^T + b_ih + H_prev W_hh^T + b_hh``, with no loop (an LSTM's cell state
+needs one element-wise product per step; an RNN needs neither: its derivative is read off H).
+A Python loop over the steps, from the last, forms the gate pre-activation gradients dZ_t with
+a handful of operations per step (the recurrent product and two or three element-wise ones;
+everything that does not depend on the gradient is precomputed for all steps at once). Then,
+per sample, W_ih's gradient is sum_t dZ_t x_t^T and W_hh's sum_t dZ_t h_{t-1}^T: their squared
+norms come from the Gram identity or from the materialised per-sample gradients, whichever is
+cheaper for the shapes (as for ``nn.Linear``, with T tokens), the Gram matrices of dZ shared by
+both; b_ih and b_hh both get sum_t dZ_t. A GRU's new gate reads ``r * (W_hn h + b_hn)``: the
+recurrent weight and bias of that gate get the pre-activation gradient times r, the input ones
+without. The layer below gets ``dX = dZ W_ih`` (summed over directions).
+
+Not handled here (the caller keeps the module's own forward and an exact fallback): LSTMs with
+``proj_size > 0``, PackedSequence inputs, unbatched (2-D) inputs, dtypes other than float32 and
+float64, and training mode with dropout between layers (the engine scores in eval mode, where
+dropout is off). See :func:`unsupported`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from .layers import _use_ghost, squared_norms
+
+Record = Callable[[str, Tensor], None]
+
+_NATIVE = {
+    "LSTM": torch._VF.lstm,
+    "GRU": torch._VF.gru,
+    "RNN_TANH": torch._VF.rnn_tanh,
+    "RNN_RELU": torch._VF.rnn_relu,
+}
+
+
+def unsupported(module: nn.RNNBase, input=None, hx=None) -> str | None:
+    """Why :func:`recurrent_forward` cannot run ``module`` (on ``input``), or None when it can."""
+    if type(module).forward not in (nn.LSTM.forward, nn.GRU.forward, nn.RNN.forward):
+        return "it overrides forward"
+    if module.mode not in _NATIVE:
+        return f"mode {module.mode!r} is not known"
+    if getattr(module, "proj_size", 0) > 0:
+        return "proj_size > 0 is not supported by the batched rule"
+    if module.training and module.dropout > 0 and module.num_layers > 1:
+        return "dropout between layers is active (training mode)"
+    if input is None:
+        return None
+    if isinstance(input, PackedSequence):
+        return "its input is a PackedSequence"
+    if not isinstance(input, Tensor) or input.dim() != 3:
+        return "its input is not a batched 3-D tensor"
+    if input.dtype not in (torch.float32, torch.float64):
+        return f"its input is {input.dtype} (the batched rule takes float32 and float64)"
+    states = hx if isinstance(hx, tuple) else (hx,)
+    if any(s is not None and (not isinstance(s, Tensor) or s.dim() != 3) for s in states):
+        return "its initial state is not a batched 3-D tensor"
+    return None
+
+
+def recurrent_forward(
+    module: nn.RNNBase, input: Tensor, hx: Tensor | tuple[Tensor, Tensor] | None, record: Record
+) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
+    """``module(input, hx)``, computed by the same native kernels, whose backward calls
+    ``record(name, squared_norms)`` (float64 [N], sample n's squared gradient norm) once for
+    every trainable parameter of ``module`` (names as in ``module.named_parameters()``) and
+    passes the gradients of ``input`` and ``hx`` on. Parameter gradients are not computed:
+    the parameters get None. The caller checks :func:`unsupported` first."""
+    lstm = module.mode == "LSTM"
+    layers, directions = module.num_layers, 2 if module.bidirectional else 1
+    x = input.transpose(0, 1) if module.batch_first else input  # time-major [T, N, E]
+    n = x.shape[1]
+    if hx is None:
+        zeros = x.new_zeros(layers * directions, n, module.hidden_size)
+        h0, c0 = zeros, (zeros if lstm else None)
+    elif lstm:
+        h0, c0 = hx
+    else:
+        h0, c0 = hx, None
+    module.check_forward_args(input, (h0, c0) if lstm else h0, None)
+    names = module._flat_weights_names
+    trainable = frozenset(
+        name for name, p in zip(names, module._flat_weights) if p is not None and p.requires_grad
+    )
+    spec = (module.mode, layers, directions, module.bias, names, trainable, record)
+    out, h_n, c_n = _Recurrent.apply(spec, x, h0, c0, *module._flat_weights)
+    if module.batch_first:
+        out = out.transpose(0, 1)
+    return out, ((h_n, c_n) if lstm else h_n)
+
+
+class _Recurrent(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, spec, x, h0, c0, *weights):
+        mode, layers, directions, bias = spec[:4]
+        per_layer = len(weights) // layers
+        native = _NATIVE[mode]
+        outs, h_n, c_n = [], [], []
+        inp = x
+        for layer in range(layers):
+            rows = slice(layer * directions, (layer + 1) * directions)
+            w = list(weights[layer * per_layer : (layer + 1) * per_layer])
+            state = (h0[rows], c0[rows]) if c0 is not None else h0[rows]
+            result = native(inp, state, w, bias, 1, 0.0, False, directions == 2, False)
+            inp = result[0]
+            outs.append(inp)
+            h_n.append(result[1])
+            if c0 is not None:
+                c_n.append(result[2])
+        ctx.spec = spec
+        ctx.save_for_backward(x, h0, c0, *outs, *weights)
+        ctx.set_materialize_grads(False)
+        h_n = torch.cat(h_n) if layers > 1 else h_n[0]
+        c_n = (torch.cat(c_n) if layers > 1 else c_n[0]) if c0 is not None else None
+        return outs[-1], h_n, c_n
+
+    @staticmethod
+    def backward(ctx, d_out, d_hn, d_cn):
+        mode, layers, directions, bias, names, trainable, record = ctx.spec
+        saved = ctx.saved_tensors
+        x, h0, c0 = saved[:3]
+        outs = saved[3 : 3 + layers]
+        weights = saved[3 + layers :]
+        per_dir = len(weights) // (layers * directions)
+        hidden = h0.shape[2]
+        d_h0 = [None] * (layers * directions)
+        d_c0 = [None] * (layers * directions)
+        for layer in reversed(range(layers)):
+            inp = x if layer == 0 else outs[layer - 1]
+            need_input = layer > 0 or ctx.needs_input_grad[1]
+            d_inp = None
+            for direction in range(directions):
+                k = layer * directions + direction
+                cols = slice(direction * hidden, (direction + 1) * hidden)
+                w = weights[k * per_dir : (k + 1) * per_dir]
+                w_ih, w_hh = w[0], w[1]
+                b_ih, b_hh = (w[2], w[3]) if bias else (None, None)
+                dirs = _Direction(
+                    inp,
+                    outs[layer][:, :, cols],
+                    h0[k],
+                    None if c0 is None else c0[k],
+                    None if d_out is None else d_out[:, :, cols],
+                    None if d_hn is None else d_hn[k],
+                    None if d_cn is None else d_cn[k],
+                    reverse=direction == 1,
+                )
+                if mode == "LSTM":
+                    d_in, d_rec, d_h0[k], d_c0[k] = _lstm_backward(dirs, w_ih, w_hh, b_ih, b_hh)
+                elif mode == "GRU":
+                    d_in, d_rec, d_h0[k] = _gru_backward(dirs, w_ih, w_hh, b_ih, b_hh)
+                else:
+                    d_in, d_h0[k] = _rnn_backward(dirs, w_hh, relu=mode == "RNN_RELU")
+                    d_rec = d_in
+                own = names[k * per_dir : (k + 1) * per_dir]
+                _record(record, trainable, own, inp, dirs.h_prev, d_in, d_rec)
+                if need_input:
+                    step = torch.matmul(d_in, w_ih)
+                    d_inp = step if d_inp is None else d_inp.add_(step)
+            d_out = d_inp
+        d_x = d_out if ctx.needs_input_grad[1] else None
+        d_h0 = _stack(d_h0) if ctx.needs_input_grad[2] else None
+        d_c0 = _stack(d_c0) if ctx.needs_input_grad[3] else None
+        return (None, d_x, d_h0, d_c0, *[None] * len(weights))
+
+
+def _stack(grads: list) -> Tensor | None:
+    if all(g is None for g in grads):
+        return None
+    like = next(g for g in grads if g is not None)
+    return torch.stack([torch.zeros_like(like) if g is None else g for g in grads])
+
+
+class _Direction:
+    """One direction of one layer, time-major: its input x [T, N, E], hidden sequence h
+    [T, N, H], initial state h0 (c0) [N, H], and the gradients reaching its output sequence
+    (or None), final hidden state and final cell state (or None). ``h_prev`` [T, N, H] is the
+    state each step read. ``steps(t)``: the [T, ...] tensor ``t`` as a list of its steps in the
+    order this direction runs them."""
+
+    def __init__(self, x, h, h0, c0, d_out, d_hn, d_cn, reverse: bool) -> None:
+        self.x, self.h, self.h0, self.c0 = x, h, h0, c0
+        self.d_out, self.d_hn, self.d_cn = d_out, d_hn, d_cn
+        self.reverse = reverse
+        self.h_prev = self.shifted(h, h0)
+
+    def shifted(self, seq: Tensor, first: Tensor) -> Tensor:
+        """``seq`` [T, N, H] one step later: step t sees the value of the step before it."""
+        if self.reverse:
+            return torch.cat([seq[1:], first.unsqueeze(0)])
+        return torch.cat([first.unsqueeze(0), seq[:-1]])
+
+    def steps(self, t: Tensor) -> list[Tensor]:
+        out = list(t.unbind(0))
+        if self.reverse:
+            out.reverse()
+        return out
+
+    def last_grad(self) -> Tensor | None:
+        """The gradient reaching the hidden state of the last step run (output and h_n)."""
+        d = self.d_out
+        last = 0 if self.reverse else -1
+        if d is None:
+            return self.d_hn
+        return d[last] if self.d_hn is None else d[last] + self.d_hn
+
+
+def _linear_input(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """x [T, N, E] @ w^T (+ b): [T, N, G]."""
+    out = torch.matmul(x, w.t())
+    return out if b is None else out.add_(b)
+
+
+def _lstm_backward(d: _Direction, w_ih, w_hh, b_ih, b_hh):
+    """Gate pre-activation gradients dZ [T, N, 4H] (also those of the recurrent part), and the
+    gradients of h0 and c0."""
+    t_len, n, hidden = d.h.shape
+    z = _linear_input(d.x, w_ih, b_ih)
+    z.view(-1, 4 * hidden).addmm_(d.h_prev.reshape(-1, hidden), w_hh.t())
+    if b_hh is not None:
+        z.add_(b_hh)
+    gates = z.view(t_len, n, 4, hidden)
+    sig = torch.sigmoid(gates)
+    i, f, o = sig[:, :, 0], sig[:, :, 1], sig[:, :, 3]
+    g = torch.tanh(gates[:, :, 2])
+    # the cell states: c_t = f_t c_{t-1} + i_t g_t, one element-wise op per step
+    c = torch.empty_like(g)
+    ig, fs, cs = d.steps(i * g), d.steps(f), d.steps(c)
+    prev = d.c0
+    for k in range(t_len):
+        prev = torch.addcmul(ig[k], fs[k], prev, out=cs[k])
+    tc = torch.tanh(c)
+    c_prev = d.shifted(c, d.c0)
+    # dZ_i = dc g i(1-i), dZ_f = dc c_{t-1} f(1-f), dZ_g = dc i (1-g^2), dZ_o = dh tanh(c) o(1-o);
+    # dc_t = dh_t o_t (1 - tanh(c_t)^2) + dc_{t+1} f_{t+1}
+    slope = sig - sig * sig
+    factors = torch.empty_like(gates)
+    torch.mul(slope[:, :, 0], g, out=factors[:, :, 0])
+    torch.mul(slope[:, :, 1], c_prev, out=factors[:, :, 1])
+    torch.mul(1 - g * g, i, out=factors[:, :, 2])
+    torch.mul(slope[:, :, 3], tc, out=factors[:, :, 3])
+    cell = o * (1 - tc * tc)
+    dz = torch.empty_like(z)
+    dz4 = dz.view(t_len, n, 4, hidden)
+    flat, ifg, og = d.steps(dz), d.steps(dz4[:, :, :3]), d.steps(dz4[:, :, 3])
+    f_ifg, f_o, cells = d.steps(factors[:, :, :3]), d.steps(factors[:, :, 3]), d.steps(cell)
+    d_outs = None if d.d_out is None else d.steps(d.d_out)
+    w_hh_d = w_hh.detach()
+    dh = d.last_grad()
+    if dh is None:
+        dh = z.new_zeros(n, hidden)
+    dc = dh * cells[-1] if d.d_cn is None else torch.addcmul(d.d_cn, dh, cells[-1])
+    for k in range(t_len - 1, -1, -1):
+        if k < t_len - 1:
+            dh = (
+                torch.mm(flat[k + 1], w_hh_d)
+                if d_outs is None
+                else (torch.addmm(d_outs[k], flat[k + 1], w_hh_d))
+            )
+            dc = torch.addcmul(dc * fs[k + 1], dh, cells[k])
+        torch.mul(dc.unsqueeze(1), f_ifg[k], out=ifg[k])
+        torch.mul(dh, f_o[k], out=og[k])
+    d_h0 = torch.mm(flat[0], w_hh_d)
+    d_c0 = dc * fs[0]
+    return dz, dz, d_h0, d_c0
+
+
+def _gru_backward(d: _Direction, w_ih, w_hh, b_ih, b_hh):
+    """Gradients of the input part [T, N, 3H] and of the recurrent part [T, N, 3H] of the gate
+    pre-activations (they differ in the new gate, whose recurrent part is scaled by r), and h0's
+    gradient."""
+    t_len, n, hidden = d.h.shape
+    gi = _linear_input(d.x, w_ih, b_ih).view(t_len, n, 3, hidden)
+    gh = _linear_input(d.h_prev, w_hh, b_hh).view(t_len, n, 3, hidden)
+    rz = torch.sigmoid(gi[:, :, :2] + gh[:, :, :2])
+    r, z = rz[:, :, 0], rz[:, :, 1]
+    new = torch.tanh(torch.addcmul(gi[:, :, 2], r, gh[:, :, 2]))
+    # h_t = (1 - z) n + z h_{t-1}: dn_pre = dh (1-z)(1-n^2), dz_pre = dh (h_{t-1} - n) z(1-z),
+    # dr_pre = dn_pre (W_hn h + b_hn) r(1-r); the recurrent new-gate part gets dn_pre r
+    dn = (1 - z) * (1 - new * new)
+    rec = torch.empty_like(gh)
+    torch.mul(dn * gh[:, :, 2], r - r * r, out=rec[:, :, 0])
+    torch.mul(d.h_prev - new, z - z * z, out=rec[:, :, 1])
+    torch.mul(dn, r, out=rec[:, :, 2])
+    dh_all = torch.empty_like(new)
+    d_rec = torch.empty_like(gh)
+    dhs, recs, zs = d.steps(dh_all), d.steps(rec), d.steps(z)
+    d_recs, d_rec_flat = d.steps(d_rec), d.steps(d_rec.view(t_len, n, 3 * hidden))
+    d_outs = None if d.d_out is None else d.steps(d.d_out)
+    w_hh_d = w_hh.detach()
+    last = d.last_grad()
+    if last is None:
+        dhs[-1].zero_()
+    else:
+        dhs[-1].copy_(last)
+    for k in range(t_len - 1, -1, -1):
+        torch.mul(dhs[k].unsqueeze(1), recs[k], out=d_recs[k])
+        if k > 0:
+            if d_outs is None:
+                torch.mul(dhs[k], zs[k], out=dhs[k - 1])
+            else:
+                torch.addcmul(d_outs[k - 1], dhs[k], zs[k], out=dhs[k - 1])
+            dhs[k - 1].addmm_(d_rec_flat[k], w_hh_d)
+    d_h0 = torch.addmm(dhs[0] * zs[0], d_rec_flat[0], w_hh_d)
+    d_in = d_rec.clone()
+    d_in[:, :, 2] = dh_all * dn
+    return d_in.view(t_len, n, 3 * hidden), d_rec.view(t_len, n, 3 * hidden), d_h0
+
+
+def _rnn_backward(d: _Direction, w_hh, relu: bool):
+    """Pre-activation gradients [T, N, H] and h0's gradient of a tanh or relu RNN (the
+    activation's derivative is read off the hidden sequence: no pre-activation is needed)."""
+    t_len, n, hidden = d.h.shape
+    slope = (d.h > 0).to(d.h.dtype) if relu else 1 - d.h * d.h
+    dz = torch.empty_like(slope)
+    dzs, slopes = d.steps(dz), d.steps(slope)
+    d_outs = None if d.d_out is None else d.steps(d.d_out)
+    w_hh_d = w_hh.detach()
+    dh = d.last_grad()
+    if dh is None:
+        dh = dz.new_zeros(n, hidden)
+    for k in range(t_len - 1, -1, -1):
+        if k < t_len - 1:
+            dh = (
+                torch.mm(dzs[k + 1], w_hh_d)
+                if d_outs is None
+                else (torch.addmm(d_outs[k], dzs[k + 1], w_hh_d))
+            )
+        torch.mul(dh, slopes[k], out=dzs[k])
+    return dz, torch.mm(dzs[0], w_hh_d)
+
+
+def _record(record: Record, trainable, names, x, h_prev, d_in, d_rec) -> None:
+    """Per-sample squared norms of one direction's parameters: weight_ih from (x, d_in),
+    weight_hh from (h_prev, d_rec), bias_ih from d_in and bias_hh from d_rec summed over time."""
+    grams: dict[int, Tensor] = {}
+    done: dict[int, Tensor] = {}
+    pairs = [(x, d_in), (h_prev, d_rec), (None, d_in), (None, d_rec)]
+    for name, (a, g) in zip(names, pairs):
+        if name not in trainable:
+            continue
+        if a is None:
+            if id(g) not in done:
+                done[id(g)] = squared_norms(g.sum(dim=0))
+            record(name, done[id(g)])
+        else:
+            record(name, _weight_sq_norms(a, g, grams))
+
+
+def _weight_sq_norms(a: Tensor, g: Tensor, grams: dict[int, Tensor]) -> Tensor:
+    """float64 [N]: squared norms of sum_t g_t a_t^T per sample, for a [T, N, p], g [T, N, q]
+    time-major; by the Gram identity or materialised, whichever costs fewer flops. ``grams``
+    caches g's per-sample Gram matrices (shared by the input and recurrent weights)."""
+    t_len, _, p = a.shape
+    q = g.shape[2]
+    a_n, g_n = a.transpose(0, 1), g.transpose(0, 1)  # [N, T, .]
+    if t_len == 1:
+        return squared_norms(a[0]) * squared_norms(g[0])
+    if _use_ghost(t_len * t_len * (p + q), t_len * p * q):
+        if id(g) not in grams:
+            grams[id(g)] = torch.bmm(g_n, g_n.transpose(1, 2)).flatten(1)
+        gram_a = torch.bmm(a_n, a_n.transpose(1, 2)).flatten(1)
+        return torch.linalg.vecdot(gram_a, grams[id(g)]).double()
+    return squared_norms(torch.bmm(g_n.transpose(1, 2), a_n))
