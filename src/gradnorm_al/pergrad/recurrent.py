@@ -220,44 +220,44 @@ class _Direction:
 
 
 def _linear_input(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """x [T, N, E] @ w^T (+ b): [T, N, G]."""
-    out = torch.matmul(x, w.t())
-    return out if b is None else out.add_(b)
+    """x [T, N, E] @ w^T + b: [T, N, G], one product (x may be a strided view)."""
+    t_len, n, e = x.shape
+    flat = x.reshape(t_len * n, e)
+    out = torch.mm(flat, w.t()) if b is None else torch.addmm(b, flat, w.t())
+    return out.view(t_len, n, -1)
+
+
+_sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input  # grad * y (1 - y), out=
+_tanh_backward = torch.ops.aten.tanh_backward.grad_input  # grad * (1 - y^2), out=
 
 
 def _lstm_backward(d: _Direction, w_ih, w_hh, b_ih, b_hh):
     """Gate pre-activation gradients dZ [T, N, 4H] (also those of the recurrent part), and the
-    gradients of h0 and c0."""
+    gradients of h0 and c0. The large buffers are reused in place: the pre-activations become
+    the gates, then the factors of dZ that do not depend on the gradient, then dZ."""
     t_len, n, hidden = d.h.shape
-    z = _linear_input(d.x, w_ih, b_ih)
+    z = _linear_input(d.x, w_ih, None if b_ih is None else b_ih + b_hh)
     z.view(-1, 4 * hidden).addmm_(d.h_prev.reshape(-1, hidden), w_hh.t())
-    if b_hh is not None:
-        z.add_(b_hh)
-    gates = z.view(t_len, n, 4, hidden)
-    sig = torch.sigmoid(gates)
-    i, f, o = sig[:, :, 0], sig[:, :, 1], sig[:, :, 3]
+    gates = z.view(t_len, n, 4, hidden)  # i, f, g, o
     g = torch.tanh(gates[:, :, 2])
+    gates[:, :, :2].sigmoid_()
+    gates[:, :, 3].sigmoid_()
+    i, f, o = gates[:, :, 0], gates[:, :, 1], gates[:, :, 3]
     # the cell states: c_t = f_t c_{t-1} + i_t g_t, one element-wise op per step
-    c = torch.empty_like(g)
-    ig, fs, cs = d.steps(i * g), d.steps(f), d.steps(c)
+    c = i * g
+    cs, fs = d.steps(c), d.steps(f)
     prev = d.c0
     for k in range(t_len):
-        prev = torch.addcmul(ig[k], fs[k], prev, out=cs[k])
+        prev = torch.addcmul(cs[k], fs[k], prev, out=cs[k])
     tc = torch.tanh(c)
-    c_prev = d.shifted(c, d.c0)
-    # dZ_i = dc g i(1-i), dZ_f = dc c_{t-1} f(1-f), dZ_g = dc i (1-g^2), dZ_o = dh tanh(c) o(1-o);
-    # dc_t = dh_t o_t (1 - tanh(c_t)^2) + dc_{t+1} f_{t+1}
-    slope = sig - sig * sig
-    factors = torch.empty_like(gates)
-    torch.mul(slope[:, :, 0], g, out=factors[:, :, 0])
-    torch.mul(slope[:, :, 1], c_prev, out=factors[:, :, 1])
-    torch.mul(1 - g * g, i, out=factors[:, :, 2])
-    torch.mul(slope[:, :, 3], tc, out=factors[:, :, 3])
-    cell = o * (1 - tc * tc)
-    dz = torch.empty_like(z)
-    dz4 = dz.view(t_len, n, 4, hidden)
-    flat, ifg, og = d.steps(dz), d.steps(dz4[:, :, :3]), d.steps(dz4[:, :, 3])
-    f_ifg, f_o, cells = d.steps(factors[:, :, :3]), d.steps(factors[:, :, 3]), d.steps(cell)
+    cells = d.steps(torch.ops.aten.tanh_backward(o, tc))  # dc_t gets dh_t o_t (1 - tanh(c_t)^2)
+    fs = d.steps(f.clone())  # and dc_{t+1} f_{t+1}
+    # dZ_i = dc g i(1-i), dZ_f = dc c_{t-1} f(1-f), dZ_g = dc i (1-g^2), dZ_o = dh tanh(c) o(1-o)
+    _tanh_backward(i, g, grad_input=gates[:, :, 2])
+    _sigmoid_backward(g, i, grad_input=i)
+    _sigmoid_backward(d.shifted(c, d.c0), f, grad_input=f)
+    _sigmoid_backward(tc, o, grad_input=o)
+    flat, ifg, og = d.steps(z), d.steps(gates[:, :, :3]), d.steps(o)
     d_outs = None if d.d_out is None else d.steps(d.d_out)
     w_hh_d = w_hh.detach()
     dh = d.last_grad()
@@ -266,40 +266,36 @@ def _lstm_backward(d: _Direction, w_ih, w_hh, b_ih, b_hh):
     dc = dh * cells[-1] if d.d_cn is None else torch.addcmul(d.d_cn, dh, cells[-1])
     for k in range(t_len - 1, -1, -1):
         if k < t_len - 1:
-            dh = (
-                torch.mm(flat[k + 1], w_hh_d)
-                if d_outs is None
-                else (torch.addmm(d_outs[k], flat[k + 1], w_hh_d))
-            )
+            if d_outs is None:
+                dh = torch.mm(flat[k + 1], w_hh_d)
+            else:
+                dh = torch.addmm(d_outs[k], flat[k + 1], w_hh_d)
             dc = torch.addcmul(dc * fs[k + 1], dh, cells[k])
-        torch.mul(dc.unsqueeze(1), f_ifg[k], out=ifg[k])
-        torch.mul(dh, f_o[k], out=og[k])
-    d_h0 = torch.mm(flat[0], w_hh_d)
-    d_c0 = dc * fs[0]
-    return dz, dz, d_h0, d_c0
+        ifg[k].mul_(dc.unsqueeze(1))
+        og[k].mul_(dh)
+    return z, z, torch.mm(flat[0], w_hh_d), dc * fs[0]
 
 
 def _gru_backward(d: _Direction, w_ih, w_hh, b_ih, b_hh):
     """Gradients of the input part [T, N, 3H] and of the recurrent part [T, N, 3H] of the gate
     pre-activations (they differ in the new gate, whose recurrent part is scaled by r), and h0's
-    gradient."""
+    gradient. The buffers of the two parts are reused in place."""
     t_len, n, hidden = d.h.shape
     gi = _linear_input(d.x, w_ih, b_ih).view(t_len, n, 3, hidden)
     gh = _linear_input(d.h_prev, w_hh, b_hh).view(t_len, n, 3, hidden)
-    rz = torch.sigmoid(gi[:, :, :2] + gh[:, :, :2])
+    rz = gi[:, :, :2].add_(gh[:, :, :2]).sigmoid_()
     r, z = rz[:, :, 0], rz[:, :, 1]
-    new = torch.tanh(torch.addcmul(gi[:, :, 2], r, gh[:, :, 2]))
+    new = torch.addcmul(gi[:, :, 2], r, gh[:, :, 2], out=gi[:, :, 2]).tanh_()
     # h_t = (1 - z) n + z h_{t-1}: dn_pre = dh (1-z)(1-n^2), dz_pre = dh (h_{t-1} - n) z(1-z),
     # dr_pre = dn_pre (W_hn h + b_hn) r(1-r); the recurrent new-gate part gets dn_pre r
-    dn = (1 - z) * (1 - new * new)
-    rec = torch.empty_like(gh)
-    torch.mul(dn * gh[:, :, 2], r - r * r, out=rec[:, :, 0])
-    torch.mul(d.h_prev - new, z - z * z, out=rec[:, :, 1])
+    dn = torch.ops.aten.tanh_backward(1 - z, new)
+    rec = gh  # becomes the factors of the recurrent part's gradient, then that gradient
+    _sigmoid_backward(dn * gh[:, :, 2], r, grad_input=rec[:, :, 0])
     torch.mul(dn, r, out=rec[:, :, 2])
-    dh_all = torch.empty_like(new)
-    d_rec = torch.empty_like(gh)
+    _sigmoid_backward(d.h_prev - new, z, grad_input=rec[:, :, 1])
+    dh_all = torch.empty_like(dn)
     dhs, recs, zs = d.steps(dh_all), d.steps(rec), d.steps(z)
-    d_recs, d_rec_flat = d.steps(d_rec), d.steps(d_rec.view(t_len, n, 3 * hidden))
+    rec_flat = d.steps(rec.view(t_len, n, 3 * hidden))
     d_outs = None if d.d_out is None else d.steps(d.d_out)
     w_hh_d = w_hh.detach()
     last = d.last_grad()
@@ -308,17 +304,18 @@ def _gru_backward(d: _Direction, w_ih, w_hh, b_ih, b_hh):
     else:
         dhs[-1].copy_(last)
     for k in range(t_len - 1, -1, -1):
-        torch.mul(dhs[k].unsqueeze(1), recs[k], out=d_recs[k])
+        recs[k].mul_(dhs[k].unsqueeze(1))
         if k > 0:
             if d_outs is None:
                 torch.mul(dhs[k], zs[k], out=dhs[k - 1])
             else:
                 torch.addcmul(d_outs[k - 1], dhs[k], zs[k], out=dhs[k - 1])
-            dhs[k - 1].addmm_(d_rec_flat[k], w_hh_d)
-    d_h0 = torch.addmm(dhs[0] * zs[0], d_rec_flat[0], w_hh_d)
-    d_in = d_rec.clone()
-    d_in[:, :, 2] = dh_all * dn
-    return d_in.view(t_len, n, 3 * hidden), d_rec.view(t_len, n, 3 * hidden), d_h0
+            dhs[k - 1].addmm_(rec_flat[k], w_hh_d)
+    d_h0 = torch.addmm(dhs[0] * zs[0], rec_flat[0], w_hh_d)
+    d_in = gi  # r and z are no longer needed: the input part's gradient takes their place
+    d_in[:, :, :2] = rec[:, :, :2]
+    torch.mul(dh_all, dn, out=d_in[:, :, 2])
+    return d_in.view(t_len, n, 3 * hidden), rec.view(t_len, n, 3 * hidden), d_h0
 
 
 def _rnn_backward(d: _Direction, w_hh, relu: bool):
