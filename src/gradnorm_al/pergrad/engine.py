@@ -69,6 +69,8 @@ from .layers import (
     rule_for,
     squared_norms,
 )
+from .recurrent import recurrent_forward
+from .recurrent import unsupported as recurrent_unsupported
 from .reference import per_sample_grad_norms_loop
 
 #: fraction of the device's free memory one chunk may use when no chunk size is given
@@ -137,6 +139,12 @@ class _FusedBatchNorm(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         grad_in = ctx.engine._batchnorm_backward(ctx.module, x, grad, ctx.needs_input_grad[0])
         return grad_in, None, None, None, None
+
+
+def _recurrent_rule(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict:
+    """The marker rule of nn.LSTM / nn.GRU / nn.RNN: their batched forward (see
+    :mod:`.recurrent`) delivers the norms from its own backward; never called."""
+    raise AssertionError("recurrent layers deliver their norms from their backward")
 
 
 @dataclass
@@ -219,7 +227,14 @@ class _Engine:
                     self.names.append(f"{prefix}.{name}" if prefix else name)
                     self.params.append(p)
             if owned:
-                self.hooked[module] = rule_for(module)
+                rule = rule_for(module)
+                if (
+                    isinstance(module, nn.RNNBase)
+                    and "forward" not in vars(module)
+                    and recurrent_unsupported(module) is None
+                ):
+                    rule = _recurrent_rule
+                self.hooked[module] = rule
                 self.owned[module] = owned
         self.column = {id(p): i for i, p in enumerate(self.params)}
         self.tied = any(count > 1 for count in owners.values())
@@ -242,6 +257,10 @@ class _Engine:
         # fused BatchNorms that alone read the output of a first-layer convolution: that
         # convolution's rule runs in the BatchNorm's backward (see _batchnorm_backward)
         self.first_layer: dict[nn.Module, _Call] = {}
+        # recurrent layers whose batched forward ran in this chunk: the norms their backward
+        # records (see _recurrent_forward)
+        self.recurrent = [m for m, r in self.hooked.items() if r is _recurrent_rule]
+        self.recurrent_runs: dict[nn.Module, dict[str, torch.Tensor]] = {}
         self.active = False
         self.calls: dict[nn.Module, _Call] = {}
         self.reused = False
@@ -282,6 +301,14 @@ class _Engine:
         if module in self.fused:
             call.grad_outputs = (0,)
             return None  # its backward delivers the result itself
+        if module in self.recurrent_runs:
+            call.result = self.recurrent_runs[module]  # filled by its backward
+            call.grad_outputs = tuple(
+                i for i, t in enumerate(outputs) if isinstance(t, torch.Tensor) and t.requires_grad
+            )
+            return None
+        if call.rule is _recurrent_rule:  # its batched forward did not run (see the notes)
+            call.rule = None
         root = not any(a.requires_grad for a in tensor_args)
         grad_outputs = []
         for i, out in enumerate(outputs):
@@ -372,6 +399,24 @@ class _Engine:
             out = _FusedBatchNorm.apply(x, module.weight, module.bias, module, self)
             self.fused[module] = (get_gradient_edge(x), out.grad_fn)
             return out
+
+        return forward
+
+    def _recurrent_forward(self, module: nn.RNNBase) -> Callable:
+        stock = type(module).forward
+
+        def forward(input, hx=None):
+            if not self.active or module in self.calls:
+                return stock(module, input, hx)
+            why = recurrent_unsupported(module, input, hx)
+            if why is not None:
+                self.notes.add(
+                    f"{type(module).__name__}: {why}; using the exact per-module fallback for it"
+                )
+                return stock(module, input, hx)
+            norms: dict[str, torch.Tensor] = {}
+            self.recurrent_runs[module] = norms
+            return recurrent_forward(module, input, hx, norms.__setitem__)
 
         return forward
 
@@ -510,7 +555,7 @@ class _Engine:
             for call in calls:
                 ins, outs = call.shapes
                 call.in_dims, call.out_dims = [None] * len(ins), [None] * len(outs)
-                if call.rule is not None and not (
+                if call.rule not in (None, _recurrent_rule) and not (
                     ins
                     and ins[0]
                     and ins[0][0] == 1
@@ -559,6 +604,16 @@ class _Engine:
                 raise _NeedsWholeModelFallback(
                     f"the batch of {name}'s inputs or outputs is not one dimension of them"
                 )
+            if call.rule is _recurrent_rule:
+                # the batched forward read the batch from batch_first (dim 1 of every state)
+                first = 0 if call.module.batch_first else 1
+                expected = ([first] + [1] * (len(ins) - 1), [first] + [1] * (len(outs) - 1))
+                if (in_dims, out_dims) != expected:
+                    raise _NeedsWholeModelFallback(
+                        f"{name} does not carry the batch where its batch_first says"
+                    )
+                found.append((in_dims, out_dims, False))
+                continue
             reroute = call.rule is not None and (
                 in_dims[:1] != [0] or any(d != 0 for d in grad_dims)
             )
@@ -571,7 +626,7 @@ class _Engine:
 
     def _reroute(self, call: _Call, why: str) -> None:
         name = type(call.module).__name__
-        if call.module in self.fused:
+        if call.module in self.fused or call.module in self.recurrent_runs:
             raise _NeedsWholeModelFallback(f"{name} {why}")
         call.rule = None
         self.notes.add(f"{name} {why}; using the exact per-module fallback for it")
@@ -584,7 +639,7 @@ class _Engine:
                 "tied parameters" if self.tied else "BatchNorm without running statistics"
             )
         self.calls, self.roots, self.reused = {}, [], False
-        self.fused, self.first_layer = {}, {}
+        self.fused, self.first_layer, self.recurrent_runs = {}, {}, {}
         self.windows = {}
         handles = [
             m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self.hooked
@@ -593,6 +648,8 @@ class _Engine:
         try:
             for module in self.fusable:
                 module.forward = self._fused_forward(module)
+            for module in self.recurrent:
+                module.forward = self._recurrent_forward(module)
             if x.shape[0] > 1 and all(size == x.shape[0] for size in self.observed):
                 # the probe (see _reference) runs before the chunk's forward: between the forward
                 # and the backward it would evict what the backward reads next (measured)
@@ -624,8 +681,18 @@ class _Engine:
                         and node in nodes
                     ):
                         self.first_layer[bn] = call
-            if roots:
-                grads = torch.autograd.grad(loss.sum(), [r[0] for r in roots], allow_unused=True)
+            # the backward must run every batched recurrent layer's backward, also where nothing
+            # upstream of it requires grad: it is differentiated against one of its parameters
+            # too (whose gradient it never forms: this costs nothing more)
+            forced = []
+            for module in self.recurrent_runs:
+                reached = [p for p in self.owned[module].values() if id(p) in edges]
+                if reached and not self.calls[module].skip:
+                    forced.append(get_gradient_edge(reached[0]))
+            if roots or forced:
+                grads = torch.autograd.grad(
+                    loss.sum(), [r[0] for r in roots] + forced, allow_unused=True
+                )
                 for (_, call, index), grad in zip(roots, grads):
                     if grad is not None:
                         self._receive(call, index, grad)
@@ -667,9 +734,9 @@ class _Engine:
             self.active = False
             for h in handles:
                 h.remove()
-            for module in self.fusable:
+            for module in self.fusable + self.recurrent:
                 vars(module).pop("forward", None)
-            self.calls, self.fused, self.first_layer = {}, {}, {}
+            self.calls, self.fused, self.first_layer, self.recurrent_runs = {}, {}, {}, {}
 
 
 def _auto_chunk(x: torch.Tensor, n_params: int) -> int:
