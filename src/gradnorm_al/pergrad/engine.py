@@ -607,8 +607,11 @@ class _Engine:
             if call.rule is _recurrent_rule:
                 # the batched forward read the batch from batch_first (dim 1 of every state)
                 first = 0 if call.module.batch_first else 1
-                expected = ([first] + [1] * (len(ins) - 1), [first] + [1] * (len(outs) - 1))
-                if (in_dims, out_dims) != expected:
+                expected = [
+                    [None if shape is None else first if i == 0 else 1 for i, shape in enumerate(s)]
+                    for s in (ins, outs)
+                ]
+                if [in_dims, out_dims] != expected:
                     raise _NeedsWholeModelFallback(
                         f"{name} does not carry the batch where its batch_first says"
                     )

@@ -110,12 +110,17 @@ class _Recurrent(torch.autograd.Function):
         per_layer = len(weights) // layers
         native = _NATIVE[mode]
         outs, h_n, c_n = [], [], []
-        inp = x
+        inp = x.detach()
+        h0_, c0_ = h0.detach(), None if c0 is None else c0.detach()
         for layer in range(layers):
             rows = slice(layer * directions, (layer + 1) * directions)
-            w = list(weights[layer * per_layer : (layer + 1) * per_layer])
-            state = (h0[rows], c0[rows]) if c0 is not None else h0[rows]
-            result = native(inp, state, w, bias, 1, 0.0, False, directions == 2, False)
+            w = [p.detach() for p in weights[layer * per_layer : (layer + 1) * per_layer]]
+            state = (h0_[rows], c0_[rows]) if c0 is not None else h0_[rows]
+            # in grad mode, as the module's own forward runs in a training step or the engine's
+            # forward (some kernels, e.g. oneDNN's LSTM, round differently without grad); the
+            # tensors are detached: nothing is recorded
+            with torch.enable_grad():
+                result = native(inp, state, w, bias, 1, 0.0, False, directions == 2, False)
             inp = result[0]
             outs.append(inp)
             h_n.append(result[1])
