@@ -13,6 +13,20 @@ computed, and nothing is added to the forward pass. When such a first-layer conv
 is read only by an eval-mode BatchNorm, not even the BatchNorm's input gradient is formed: the
 convolution's rule takes the BatchNorm's output gradient and its per-channel scale.
 
+Recurrent layers. ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` (tanh or relu; any number of layers,
+either direction, ``batch_first`` or not, with or without bias, an initial state given or not,
+which may itself depend on the input) run, during a chunk, a forward of their own
+(:func:`.recurrent.recurrent_forward`: the native kernels, one layer at a time) whose backward
+runs back-propagation through time in a short Python loop over the steps and hands the engine
+every parameter's per-sample squared norms, from the gate pre-activation gradients (Gram
+identity or materialised, as for a Linear over the steps), while the input and initial-state
+gradients flow on; no parameter gradient is formed. The batch is where ``batch_first`` says
+(dim 1 of the states): both batch sizes must agree with it, or the chunk takes the whole-model
+path. Such a layer's backward is run even where nothing upstream requires grad (it is then
+differentiated against one of its parameters, whose gradient it never forms). LSTMs with
+``proj_size > 0``, and inputs that are unbatched or neither float32 nor float64, keep the
+per-module fallback below; a PackedSequence the whole-model one.
+
 Where the batch is. A rule takes row n of its module's input and output for sample n, which holds
 only where dim 0 of both is the batch. Shapes at one batch size cannot tell: a positional table
 ``pos[:L]`` broadcast over the batch, or an ``nn.Embedding`` of ``arange(L)``, has L rows, and
@@ -39,9 +53,9 @@ called twice, parameters used outside their module, BatchNorm without running st
 without the batch, a PackedSequence) makes the chunk fall back to an exact whole-model path with
 one warning: ``torch.func``, or one plain backward pass per sample where torch.func cannot run the
 model (recurrent layers). Modules without a rule get an exact per-module fallback: per-sample
-vector-Jacobian products of that module via ``torch.func`` (vmap), or, for ``nn.LSTM`` / ``nn.GRU``
-/ ``nn.RNN`` (any layers, directions, ``batch_first``; their kernels do not run under vmap) and
-wherever vmap fails, one autograd backward of the module per sample. Every fallback emits
+vector-Jacobian products of that module via ``torch.func`` (vmap), or, for the recurrent layers
+the batched path does not take (their kernels do not run under vmap) and wherever vmap fails,
+one autograd backward of the module per sample. Every fallback emits
 :class:`FallbackWarning`; no path returns a number that is not exact.
 """
 

@@ -107,31 +107,42 @@ class _Recurrent(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, x, h0, c0, *weights):
         mode, layers, directions, bias = spec[:4]
-        per_layer = len(weights) // layers
-        native = _NATIVE[mode]
-        outs, h_n, c_n = [], [], []
+        per_dir = len(weights) // (layers * directions)
+        hidden = h0.shape[2]
         inp = x.detach()
         h0_, c0_ = h0.detach(), None if c0 is None else c0.detach()
+        outs, kept, h_n, c_n = [], [], [], []
         for layer in range(layers):
-            rows = slice(layer * directions, (layer + 1) * directions)
-            w = [p.detach() for p in weights[layer * per_layer : (layer + 1) * per_layer]]
-            state = (h0_[rows], c0_[rows]) if c0 is not None else h0_[rows]
-            # in grad mode, as the module's own forward runs in a training step or the engine's
-            # forward (some kernels, e.g. oneDNN's LSTM, round differently without grad); the
-            # tensors are detached: nothing is recorded
-            with torch.enable_grad():
-                result = native(inp, state, w, bias, 1, 0.0, False, directions == 2, False)
-            inp = result[0]
-            outs.append(inp)
-            h_n.append(result[1])
-            if c0 is not None:
-                c_n.append(result[2])
-        ctx.spec = spec
+            first = layer * directions
+            w = [p.detach() for p in weights[first * per_dir : (first + directions) * per_dir]]
+            if mode in _LOOPED:
+                out = inp.new_empty(inp.shape[0], inp.shape[1], directions * hidden)
+                for direction in range(directions):
+                    k = first + direction
+                    state, h_last, c_last = _LOOPED[mode](
+                        inp,
+                        h0_[k],
+                        None if c0 is None else c0_[k],
+                        w[direction * per_dir : (direction + 1) * per_dir],
+                        direction == 1,
+                        out[:, :, direction * hidden : (direction + 1) * hidden],
+                    )
+                    kept.append(state)
+                    h_n.append(h_last)
+                    c_n.append(c_last)
+            else:  # an RNN's backward needs nothing but its hidden sequence
+                rows = slice(first, first + directions)
+                out, h_last = _NATIVE[mode](
+                    inp, h0_[rows], w, bias, 1, 0.0, False, directions == 2, False
+                )
+                kept.extend([None] * directions)
+                h_n.extend(h_last.unbind(0))
+            inp = out
+            outs.append(out)
+        ctx.spec, ctx.kept = spec, kept
         ctx.save_for_backward(x, h0, c0, *outs, *weights)
         ctx.set_materialize_grads(False)
-        h_n = torch.cat(h_n) if layers > 1 else h_n[0]
-        c_n = (torch.cat(c_n) if layers > 1 else c_n[0]) if c0 is not None else None
-        return outs[-1], h_n, c_n
+        return outs[-1], torch.stack(h_n), None if c0 is None else torch.stack(c_n)
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn):
@@ -139,7 +150,7 @@ class _Recurrent(torch.autograd.Function):
         saved = ctx.saved_tensors
         x, h0, c0 = saved[:3]
         outs = saved[3 : 3 + layers]
-        weights = saved[3 + layers :]
+        weights = [w.detach() for w in saved[3 + layers :]]
         per_dir = len(weights) // (layers * directions)
         hidden = h0.shape[2]
         d_h0 = [None] * (layers * directions)
@@ -152,8 +163,6 @@ class _Recurrent(torch.autograd.Function):
                 k = layer * directions + direction
                 cols = slice(direction * hidden, (direction + 1) * hidden)
                 w = weights[k * per_dir : (k + 1) * per_dir]
-                w_ih, w_hh = w[0], w[1]
-                b_ih, b_hh = (w[2], w[3]) if bias else (None, None)
                 dirs = _Direction(
                     inp,
                     outs[layer][:, :, cols],
@@ -165,12 +174,14 @@ class _Recurrent(torch.autograd.Function):
                     reverse=direction == 1,
                 )
                 if mode == "LSTM":
-                    d_in, d_rec, d_h0[k], d_c0[k] = _lstm_backward(dirs, w_ih, w_hh, b_ih, b_hh)
+                    d_in, d_rec, w_ih, d_h0[k], d_c0[k] = _lstm_backward(dirs, ctx.kept[k])
                 elif mode == "GRU":
-                    d_in, d_rec, d_h0[k] = _gru_backward(dirs, w_ih, w_hh, b_ih, b_hh)
+                    d_in, d_rec, d_h0[k] = _gru_backward(dirs, ctx.kept[k], w[1])
+                    w_ih = w[0]
                 else:
-                    d_in, d_h0[k] = _rnn_backward(dirs, w_hh, relu=mode == "RNN_RELU")
-                    d_rec = d_in
+                    d_in, d_h0[k] = _rnn_backward(dirs, w[1], relu=mode == "RNN_RELU")
+                    d_rec, w_ih = d_in, w[0]
+                ctx.kept[k] = None  # free it now
                 own = names[k * per_dir : (k + 1) * per_dir]
                 _record(record, trainable, own, inp, dirs.h_prev, d_in, d_rec)
                 if need_input:
@@ -190,12 +201,19 @@ def _stack(grads: list) -> Tensor | None:
     return torch.stack([torch.zeros_like(like) if g is None else g for g in grads])
 
 
+def _steps(t: Tensor, reverse: bool) -> list[Tensor]:
+    """The [T, ...] tensor ``t`` as a list of its steps, in the order a direction runs them."""
+    out = list(t.unbind(0))
+    if reverse:
+        out.reverse()
+    return out
+
+
 class _Direction:
     """One direction of one layer, time-major: its input x [T, N, E], hidden sequence h
     [T, N, H], initial state h0 (c0) [N, H], and the gradients reaching its output sequence
     (or None), final hidden state and final cell state (or None). ``h_prev`` [T, N, H] is the
-    state each step read. ``steps(t)``: the [T, ...] tensor ``t`` as a list of its steps in the
-    order this direction runs them."""
+    state each step read. ``steps(t)``: see :func:`_steps`."""
 
     def __init__(self, x, h, h0, c0, d_out, d_hn, d_cn, reverse: bool) -> None:
         self.x, self.h, self.h0, self.c0 = x, h, h0, c0
@@ -210,10 +228,7 @@ class _Direction:
         return torch.cat([first.unsqueeze(0), seq[:-1]])
 
     def steps(self, t: Tensor) -> list[Tensor]:
-        out = list(t.unbind(0))
-        if self.reverse:
-            out.reverse()
-        return out
+        return _steps(t, self.reverse)
 
     def last_grad(self) -> Tensor | None:
         """The gradient reaching the hidden state of the last step run (output and h_n)."""
@@ -235,62 +250,110 @@ def _linear_input(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 _sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input  # grad * y (1 - y), out=
 _tanh_backward = torch.ops.aten.tanh_backward.grad_input  # grad * (1 - y^2), out=
 
+#: an LSTM's gate rows (i, f, g, o) reordered to (o, i, f, g): the sigmoid gates are one block,
+#: and in the backward the gates that take the cell's gradient are one block too (a per-sample
+#: norm does not depend on the order of a gradient's rows)
+_OIFG = [3, 0, 1, 2]
 
-def _lstm_backward(d: _Direction, w_ih, w_hh, b_ih, b_hh):
-    """Gate pre-activation gradients dZ [T, N, 4H] (also those of the recurrent part), and the
-    gradients of h0 and c0. The large buffers are reused in place: the pre-activations become
-    the gates, then the factors of dZ that do not depend on the gradient, then dZ."""
-    t_len, n, hidden = d.h.shape
-    z = _linear_input(d.x, w_ih, None if b_ih is None else b_ih + b_hh)
-    z.view(-1, 4 * hidden).addmm_(d.h_prev.reshape(-1, hidden), w_hh.t())
-    gates = z.view(t_len, n, 4, hidden)  # i, f, g, o
-    g = torch.tanh(gates[:, :, 2])
-    gates[:, :, :2].sigmoid_()
-    gates[:, :, 3].sigmoid_()
-    i, f, o = gates[:, :, 0], gates[:, :, 1], gates[:, :, 3]
-    # the cell states: c_t = f_t c_{t-1} + i_t g_t, one element-wise op per step
-    c = i * g
-    cs, fs = d.steps(c), d.steps(f)
-    prev = d.c0
+
+def _oifg(t: Tensor) -> Tensor:
+    return t.view(4, -1, *t.shape[1:])[_OIFG].reshape(t.shape)
+
+
+def _lstm_forward(x, h0, c0, w, reverse: bool, out: Tensor):
+    """One direction of one LSTM layer, a step at a time, writing its hidden sequence into
+    ``out`` [T, N, H]; keeps the gate activations [T, N, 4, H] (o, i, f, g), the cell states and
+    their tanh [T, N, H] for the backward (which then needs no pre-activation recomputed: that
+    would cost two more large products than the native kernel's forward saves)."""
+    t_len, n, hidden = out.shape
+    w_ih, w_hh = _oifg(w[0]), _oifg(w[1])
+    gates = _linear_input(x, w_ih, _oifg(w[2] + w[3]) if len(w) == 4 else None)
+    gates = gates.view(t_len, n, 4, hidden)
+    c, tc = torch.empty_like(out), torch.empty_like(out)
+    flat, gs = _steps(gates.view(t_len, n, 4 * hidden), reverse), _steps(gates, reverse)
+    cs, tcs, hs = _steps(c, reverse), _steps(tc, reverse), _steps(out, reverse)
+    w_hh_t = w_hh.t()
+    h, cell = h0, c0
     for k in range(t_len):
-        prev = torch.addcmul(cs[k], fs[k], prev, out=cs[k])
-    tc = torch.tanh(c)
+        flat[k].addmm_(h, w_hh_t)
+        g = gs[k]
+        g[:, :3].sigmoid_()
+        g[:, 3].tanh_()
+        cell = torch.mul(g[:, 2], cell, out=cs[k]).addcmul_(g[:, 1], g[:, 3])
+        h = torch.mul(g[:, 0], torch.tanh(cell, out=tcs[k]), out=hs[k])
+    return (gates, c, tc, w_ih, w_hh), h, cell
+
+
+def _gru_forward(x, h0, c0, w, reverse: bool, out: Tensor):
+    """One direction of one GRU layer, a step at a time, writing its hidden sequence into
+    ``out``; keeps the gates (r, z, n) [T, N, 3, H] and the recurrent products W_hh h + b_hh
+    [T, N, 3, H] for the backward."""
+    t_len, n, hidden = out.shape
+    bias = len(w) == 4
+    gi = _linear_input(x, w[0], w[2] if bias else None).view(t_len, n, 3, hidden)
+    gh = torch.empty_like(gi)
+    gis, ghs, hs = _steps(gi, reverse), _steps(gh, reverse), _steps(out, reverse)
+    gh_flat = _steps(gh.view(t_len, n, 3 * hidden), reverse)
+    w_hh_t = w[1].t()
+    h = h0
+    for k in range(t_len):
+        if bias:
+            torch.addmm(w[3], h, w_hh_t, out=gh_flat[k])
+        else:
+            torch.mm(h, w_hh_t, out=gh_flat[k])
+        g, r = gis[k], ghs[k]
+        rz = g[:, :2].add_(r[:, :2]).sigmoid_()
+        new = g[:, 2].addcmul_(rz[:, 0], r[:, 2]).tanh_()
+        h = torch.addcmul(new, rz[:, 1], h - new, out=hs[k])  # (1 - z) n + z h
+    return (gi, gh), h, None
+
+
+_LOOPED = {"LSTM": _lstm_forward, "GRU": _gru_forward}
+
+
+def _lstm_backward(d: _Direction, kept):
+    """Gate pre-activation gradients dZ [T, N, 4H] (gates o, i, f, g; also those of the
+    recurrent part), the input weight in that order, and the gradients of h0 and c0. The kept
+    gate activations become, in place, the factors of dZ that do not depend on the gradient,
+    then dZ, a step at a time."""
+    gates, c, tc, w_ih, w_hh = kept
+    t_len, n, _, hidden = gates.shape
+    o, i, f, g = gates.unbind(2)
     cells = d.steps(torch.ops.aten.tanh_backward(o, tc))  # dc_t gets dh_t o_t (1 - tanh(c_t)^2)
     fs = d.steps(f.clone())  # and dc_{t+1} f_{t+1}
-    # dZ_i = dc g i(1-i), dZ_f = dc c_{t-1} f(1-f), dZ_g = dc i (1-g^2), dZ_o = dh tanh(c) o(1-o)
-    _tanh_backward(i, g, grad_input=gates[:, :, 2])
-    _sigmoid_backward(g, i, grad_input=i)
-    _sigmoid_backward(d.shifted(c, d.c0), f, grad_input=f)
+    # dZ_o = dh tanh(c) o(1-o), dZ_i = dc g i(1-i), dZ_f = dc c_{t-1} f(1-f), dZ_g = dc i (1-g^2)
     _sigmoid_backward(tc, o, grad_input=o)
-    flat, ifg, og = d.steps(z), d.steps(gates[:, :, :3]), d.steps(o)
+    _sigmoid_backward(d.shifted(c, d.c0), f, grad_input=f)
+    slope_g = torch.ops.aten.tanh_backward(i, g)
+    _sigmoid_backward(g, i, grad_input=i)
+    g.copy_(slope_g)
+    flat = d.steps(gates.view(t_len, n, 4 * hidden))
+    og, ifg = d.steps(o), d.steps(gates[:, :, 1:])
     d_outs = None if d.d_out is None else d.steps(d.d_out)
-    w_hh_d = w_hh.detach()
     dh = d.last_grad()
     if dh is None:
-        dh = z.new_zeros(n, hidden)
+        dh = gates.new_zeros(n, hidden)
     dc = dh * cells[-1] if d.d_cn is None else torch.addcmul(d.d_cn, dh, cells[-1])
     for k in range(t_len - 1, -1, -1):
         if k < t_len - 1:
             if d_outs is None:
-                dh = torch.mm(flat[k + 1], w_hh_d)
+                dh = torch.mm(flat[k + 1], w_hh)
             else:
-                dh = torch.addmm(d_outs[k], flat[k + 1], w_hh_d)
+                dh = torch.addmm(d_outs[k], flat[k + 1], w_hh)
             dc = torch.addcmul(dc * fs[k + 1], dh, cells[k])
-        ifg[k].mul_(dc.unsqueeze(1))
         og[k].mul_(dh)
-    return z, z, torch.mm(flat[0], w_hh_d), dc * fs[0]
+        ifg[k].mul_(dc.unsqueeze(1))
+    dz = gates.view(t_len, n, 4 * hidden)
+    return dz, dz, w_ih, torch.mm(flat[0], w_hh), dc * fs[0]
 
 
-def _gru_backward(d: _Direction, w_ih, w_hh, b_ih, b_hh):
+def _gru_backward(d: _Direction, kept, w_hh):
     """Gradients of the input part [T, N, 3H] and of the recurrent part [T, N, 3H] of the gate
     pre-activations (they differ in the new gate, whose recurrent part is scaled by r), and h0's
-    gradient. The buffers of the two parts are reused in place."""
-    t_len, n, hidden = d.h.shape
-    gi = _linear_input(d.x, w_ih, b_ih).view(t_len, n, 3, hidden)
-    gh = _linear_input(d.h_prev, w_hh, b_hh).view(t_len, n, 3, hidden)
-    rz = gi[:, :, :2].add_(gh[:, :, :2]).sigmoid_()
-    r, z = rz[:, :, 0], rz[:, :, 1]
-    new = torch.addcmul(gi[:, :, 2], r, gh[:, :, 2], out=gi[:, :, 2]).tanh_()
+    gradient. The kept buffers become these gradients in place."""
+    gi, gh = kept
+    t_len, n, _, hidden = gi.shape
+    r, z, new = gi.unbind(2)
     # h_t = (1 - z) n + z h_{t-1}: dn_pre = dh (1-z)(1-n^2), dz_pre = dh (h_{t-1} - n) z(1-z),
     # dr_pre = dn_pre (W_hn h + b_hn) r(1-r); the recurrent new-gate part gets dn_pre r
     dn = torch.ops.aten.tanh_backward(1 - z, new)
@@ -302,7 +365,6 @@ def _gru_backward(d: _Direction, w_ih, w_hh, b_ih, b_hh):
     dhs, recs, zs = d.steps(dh_all), d.steps(rec), d.steps(z)
     rec_flat = d.steps(rec.view(t_len, n, 3 * hidden))
     d_outs = None if d.d_out is None else d.steps(d.d_out)
-    w_hh_d = w_hh.detach()
     last = d.last_grad()
     if last is None:
         dhs[-1].zero_()
@@ -315,8 +377,8 @@ def _gru_backward(d: _Direction, w_ih, w_hh, b_ih, b_hh):
                 torch.mul(dhs[k], zs[k], out=dhs[k - 1])
             else:
                 torch.addcmul(d_outs[k - 1], dhs[k], zs[k], out=dhs[k - 1])
-            dhs[k - 1].addmm_(rec_flat[k], w_hh_d)
-    d_h0 = torch.addmm(dhs[0] * zs[0], rec_flat[0], w_hh_d)
+            dhs[k - 1].addmm_(rec_flat[k], w_hh)
+    d_h0 = torch.addmm(dhs[0] * zs[0], rec_flat[0], w_hh)
     d_in = gi  # r and z are no longer needed: the input part's gradient takes their place
     d_in[:, :, :2] = rec[:, :, :2]
     torch.mul(dh_all, dn, out=d_in[:, :, 2])
@@ -331,7 +393,7 @@ def _rnn_backward(d: _Direction, w_hh, relu: bool):
     dz = torch.empty_like(slope)
     dzs, slopes = d.steps(dz), d.steps(slope)
     d_outs = None if d.d_out is None else d.steps(d.d_out)
-    w_hh_d = w_hh.detach()
+    w_hh_d = w_hh
     dh = d.last_grad()
     if dh is None:
         dh = dz.new_zeros(n, hidden)
