@@ -16,8 +16,9 @@ convolution's rule takes the BatchNorm's output gradient and its per-channel sca
 Recurrent layers. ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` (tanh or relu; any number of layers,
 either direction, ``batch_first`` or not, with or without bias, an initial state given or not,
 which may itself depend on the input) run, during a chunk, a forward of their own
-(:func:`.recurrent.recurrent_forward`: the native kernels, one layer at a time) whose backward
-runs back-propagation through time in a short Python loop over the steps and hands the engine
+(:func:`.recurrent.recurrent_forward`: the same computation, one layer and direction at a time,
+keeping what the backward needs) whose backward runs back-propagation through time in a short
+Python loop over the steps and hands the engine
 every parameter's per-sample squared norms, from the gate pre-activation gradients (Gram
 identity or materialised, as for a Linear over the steps), while the input and initial-state
 gradients flow on; no parameter gradient is formed. The batch is where ``batch_first`` says
