@@ -16,6 +16,8 @@ SHAPES = {
     "resnet18-cifar": (3, 32, 32),
     "resnet18": (3, 64, 64),
     "vgg16": (3, 32, 32),
+    "vit-small-cifar": (3, 32, 32),
+    "vit-b-16": (3, 224, 224),
     # dense models: odd sizes, so that the upsampling back to the input size is tested
     "fcn-small": (1, 13, 11),
     "drn-d-22": (3, 27, 21),
@@ -24,13 +26,20 @@ SHAPES = {
     "resnet3d": (1, 16, 18, 20),
 }
 DENSE = {"fcn-small", "drn-d-22"}
+SLOW = {"vit-b-16"}  # 86.6M parameters at 224x224: ~8 s here
 
 
 def test_the_contract_tests_cover_every_registered_model():
     assert set(SHAPES) == set(MODELS.names())
 
 
-@pytest.mark.parametrize("name", sorted(set(SHAPES) - DENSE))
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
+        for name in sorted(set(SHAPES) - DENSE)
+    ],
+)
 def test_every_classifier_offers_embed_and_a_linear_classifier(name):
     assert name in MODELS.names()
     torch.manual_seed(0)
@@ -118,6 +127,48 @@ def test_resnet18_and_vgg16_compute_torchvision_s_networks():
         x = torch.randn(2, 3, size, size)
         with torch.no_grad():
             assert torch.allclose(model(x), reference(x), atol=1e-6)
+
+
+def test_the_vision_transformers_are_torchvision_s_networks():
+    from torchvision.models import VisionTransformer, vit_b_16
+
+    # vit-b-16: torchvision's vit_b_16 parameter for parameter (86.6M with 1000 classes;
+    # built without storage: only the shapes are compared)
+    with torch.device("meta"):
+        model = create_model("vit-b-16", num_classes=1000, in_channels=3)
+        assert _parameters(model) == _parameters(vit_b_16(weights=None)) == 86_567_656
+    assert len(model.blocks) == 12 and model.feature_dim == 768
+    # vit-small-cifar computes torchvision's network of its configuration
+    torch.manual_seed(0)
+    small = create_model("vit-small-cifar", num_classes=5, in_channels=3).eval()
+    torch.manual_seed(0)
+    reference = VisionTransformer(
+        image_size=32,
+        patch_size=4,
+        num_layers=6,
+        num_heads=3,
+        hidden_dim=192,
+        mlp_dim=768,
+        num_classes=5,
+    ).eval()
+    assert _parameters(small) == _parameters(reference)
+    with torch.no_grad():
+        for p in reference.heads.parameters():  # torchvision's head starts at zero
+            p.normal_()
+        small.classifier.load_state_dict(reference.heads.head.state_dict())
+        x = torch.randn(2, 3, 32, 32)
+        assert torch.allclose(small(x), reference(x), atol=1e-5)
+        # embed: the class token after the final LayerNorm
+        tokens = reference.encoder(
+            torch.cat([reference.class_token.expand(2, -1, -1), reference._process_input(x)], 1)
+        )
+        assert torch.allclose(small.embed(x), tokens[:, 0], atol=1e-5)
+    # one input channel; another image size by the model parameter, a wrong one refused
+    gray = create_model("vit-small-cifar", num_classes=3, in_channels=1, image_size=28).eval()
+    with torch.no_grad():
+        assert gray(torch.randn(2, 1, 28, 28)).shape == (2, 3)
+    with pytest.raises(ConfigError, match="image_size"):
+        gray(torch.randn(2, 1, 32, 32))
 
 
 def test_other_input_channels_and_unknown_names():

@@ -8,6 +8,7 @@ from . import (  # noqa: F401  (register the models)
     resnet3d,
     resnet_cifar,
     smallcnn,
+    vit,
 )
 from .base import MODELS, DenseTaskModel, TaskModel, create_model
 

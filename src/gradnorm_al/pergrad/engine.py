@@ -13,21 +13,6 @@ computed, and nothing is added to the forward pass. When such a first-layer conv
 is read only by an eval-mode BatchNorm, not even the BatchNorm's input gradient is formed: the
 convolution's rule takes the BatchNorm's output gradient and its per-channel scale.
 
-Recurrent layers. ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` (tanh or relu; any number of layers,
-either direction, ``batch_first`` or not, with or without bias, an initial state given or not,
-which may itself depend on the input) run, during a chunk, a forward of their own
-(:func:`.recurrent.recurrent_forward`: the same computation, one layer and direction at a time,
-keeping what the backward needs) whose backward runs back-propagation through time in a short
-Python loop over the steps and hands the engine
-every parameter's per-sample squared norms, from the gate pre-activation gradients (Gram
-identity or materialised, as for a Linear over the steps), while the input and initial-state
-gradients flow on; no parameter gradient is formed. The batch is where ``batch_first`` says
-(dim 1 of the states): both batch sizes must agree with it, or the chunk takes the whole-model
-path. Such a layer's backward is run even where nothing upstream requires grad (it is then
-differentiated against one of its parameters, whose gradient it never forms). LSTMs with
-``proj_size > 0``, and inputs that are unbatched or neither float32 nor float64, keep the
-per-module fallback below; a PackedSequence the whole-model one.
-
 Where the batch is. A rule takes row n of its module's input and output for sample n, which holds
 only where dim 0 of both is the batch. Shapes at one batch size cannot tell: a positional table
 ``pos[:L]`` broadcast over the batch, or an ``nn.Embedding`` of ``arange(L)``, has L rows, and
@@ -45,18 +30,53 @@ smallcnn chunk of 64 on the CPU). Not covered: a model whose output for a sample
 sample's position in the batch, or that mixes samples in eval mode (no per-sample gradient is
 defined then; the reference is one backward per sample).
 
+Composite rules (:mod:`.composite`). Some modules read their parameters through operations of
+their own forward rather than through children's forwards: ``nn.MultiheadAttention`` (its
+``out_proj`` weight goes to ``F.multi_head_attention_forward``), torchvision's vision transformer
+(a positional table and a class token broadcast over the batch). During a chunk such a module's
+forward is replaced, at instance level, by its composite's re-implementation, which returns the
+stock forward's values and taps intermediate tensors (projection outputs, the broadcast views of
+the tables); the gradient of each tap goes through the layer rules (the linear rule for the
+attention projections, with T = sequence length) and the contributions to a parameter add up. A
+tap the backward would not reach (computed from parameters only, or from inputs that do not
+require grad) is differentiated against directly, like the first modules' outputs. The composite
+declares where the batch is in its inputs and outputs; the two-batch-size shape check must agree,
+else the whole model falls back. Covered: ``nn.MultiheadAttention`` (packed or separate
+projections, biases, ``add_bias_kv``, ``add_zero_attn``, every mask, ``need_weights``,
+``is_causal``, ``batch_first`` either way), hence ``nn.TransformerEncoderLayer`` /
+``nn.TransformerEncoder`` (the fused inference paths are never taken: the chunk runs with grad,
+the probe with the fast path off), and torchvision's ``VisionTransformer`` and its ``Encoder``.
+Position-wise rules (Linear, LayerNorm, Embedding) take the batch from whatever leading dimension
+holds it (a sequence-first [L, N, E] layout), moved to the front.
+
+Recurrent layers (:mod:`.recurrent`). ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` (tanh or relu; any
+number of layers, either direction, ``batch_first`` or not, with or without bias, an initial
+state given or not, which may itself depend on the input) have a composite whose forward is the
+same computation, one layer and direction at a time, keeping what the backward needs, inside an
+autograd function whose backward runs back-propagation through time in a short Python loop over
+the steps and adds every parameter's per-sample squared norms (from the gate pre-activation
+gradients: Gram identity or materialised, as for a Linear over the steps) while the input and
+initial-state gradients flow on; no parameter gradient is formed. The batch is where
+``batch_first`` says (dim 1 of the states). Where nothing upstream requires grad, a tap on a
+tensor made for the purpose and passed to that function makes the backward run it. LSTMs with
+``proj_size > 0`` keep the per-module fallback below; unbatched inputs and dtypes other than
+float32 / float64 the whole-model one, as a PackedSequence.
+
 Exactness guards. The autograd graph is walked to find every trainable parameter the loss reaches;
 each must be owned by a module that ran exactly once and whose rule covered it, and must feed the
-graph through exactly one edge; a parameter of a module without a rule must be read only by graph
-nodes its module's forward made (autograd sequence numbers, taken in a pre-hook and the forward
-hook of such modules only, bracket that forward). Anything else (tied or shared weights, a module
+graph through exactly one edge; a parameter of a module without a rule, or of a composite
+rule, must be read only by graph nodes its module's forward made (autograd sequence numbers,
+taken in a pre-hook and the forward hook of such modules only, bracket that forward). A
+composite's tap that the loss reaches but that did not run sends the chunk to the whole-model
+path too (never counted as zero). Anything else (tied or shared weights, a module
 called twice, parameters used outside their module, BatchNorm without running statistics, an output
-without the batch, a PackedSequence) makes the chunk fall back to an exact whole-model path with
+without the batch, a PackedSequence, a composite whose layout or input it does not support, e.g.
+an unbatched attention call) makes the chunk fall back to an exact whole-model path with
 one warning: ``torch.func``, or one plain backward pass per sample where torch.func cannot run the
 model (recurrent layers). Modules without a rule get an exact per-module fallback: per-sample
 vector-Jacobian products of that module via ``torch.func`` (vmap), or, for the recurrent layers
-the batched path does not take (their kernels do not run under vmap) and wherever vmap fails,
-one autograd backward of the module per sample. Every fallback emits
+without a batched rule (their kernels do not run under vmap) and wherever vmap fails, one
+autograd backward of the module per sample. Every fallback emits
 :class:`FallbackWarning`; no path returns a number that is not exact.
 """
 
@@ -65,6 +85,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -74,19 +95,25 @@ from torch.func import functional_call, vjp, vmap
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
+from . import attention, recurrent  # noqa: F401  (register the attention and recurrent composites)
 from .common import LossFn, check_norm, eval_mode, first_output, reduce_squared_norms
+from .composite import Composite
 from .functional import per_sample_grad_norms_functional
 from .layers import (
     Rule,
     batchnorm_backward,
     batchnorm_rule,
     conv_rule,
+    embedding_rule,
+    layernorm_rule,
+    linear_rule,
     rule_for,
     squared_norms,
 )
-from .recurrent import recurrent_forward
-from .recurrent import unsupported as recurrent_unsupported
 from .reference import per_sample_grad_norms_loop
+
+#: rules that treat every dimension before the features alike (see _positionwise_dim)
+_POSITIONWISE = (linear_rule, layernorm_rule, embedding_rule)
 
 #: fraction of the device's free memory one chunk may use when no chunk size is given
 MEMORY_FRACTION = 0.25
@@ -156,12 +183,6 @@ class _FusedBatchNorm(torch.autograd.Function):
         return grad_in, None, None, None, None
 
 
-def _recurrent_rule(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict:
-    """The marker rule of nn.LSTM / nn.GRU / nn.RNN: their batched forward (see
-    :mod:`.recurrent`) delivers the norms from its own backward; never called."""
-    raise AssertionError("recurrent layers deliver their norms from their backward")
-
-
 @dataclass
 class _Call:
     """What one hooked module saw in the forward pass."""
@@ -181,6 +202,127 @@ class _Call:
     out_dims: list[int | None] = field(default_factory=list)
     result: dict[str, torch.Tensor] | None = None
     skip: bool = False  # none of its parameters reaches the loss
+    #: composite rules only: the context its forward filled, and the layout it declared per
+    #: input / output leaf ((batch dim, samples per batch entry) or None: not batched)
+    ctx: _CompositeContext | None = None
+    layout: tuple[list, list] = ([], [])
+    #: position-wise rules (see _POSITIONWISE): the dimension of the input and output gradient
+    #: that holds the batch (moved to dim 0 for the rule); None: a chunk of one sample in any
+    #: layout (a batch dimension of 1 is put in front)
+    batch_dim: int | None = 0
+
+
+def _positionwise_dim(call: _Call, d: int | None) -> bool:
+    """Whether a position-wise rule may take the batch from dimension ``d`` of its module's
+    input and output (None: a chunk of one sample): Linear, Embedding and LayerNorm treat every
+    dimension before their feature (or normalised) dimensions alike, so moving the batch to the
+    front changes nothing (a sequence-first layout [L, N, E], as in nn.TransformerEncoderLayer
+    with batch_first=False)."""
+    ins = call.shapes[0]
+    if call.rule not in _POSITIONWISE or not ins or ins[0] is None:
+        return False
+    features = {linear_rule: 1, embedding_rule: 0}.get(call.rule)
+    if features is None:  # layernorm_rule
+        features = len(call.module.normalized_shape)
+    return d is None or d < len(ins[0]) - features
+
+
+class _Tap:
+    """A composite's gradient tap: hands the gradient of one tensor to its function, once."""
+
+    def __init__(self, ctx: _CompositeContext, fn: Callable[[torch.Tensor], None], node) -> None:
+        self.ctx, self.fn, self.node, self.fired = ctx, fn, node, False
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        self.ctx.check_kept()
+        self.fired = True
+        compute = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        self.fn(grad.detach().to(compute))
+
+
+class _CompositeContext:
+    """The engine's side of :class:`~.composite.CompositeContext` for one call of a composite
+    module in one chunk (see :mod:`.composite` for the contract)."""
+
+    def __init__(self, engine: _Engine, module: nn.Module, start: int) -> None:
+        self.engine, self.module = engine, module
+        self.claimed = engine.owned[module]
+        self.start = start  # autograd sequence number at the start of the module's forward
+        self.sums: dict[str, torch.Tensor] = {}
+        self.kept: list[tuple[torch.Tensor, int]] = []
+        self.layout: dict[int, tuple[int, int]] = {}
+
+    # the API composites use
+    def on_grad(self, tensor: torch.Tensor, fn: Callable[[torch.Tensor], None]) -> None:
+        if not (isinstance(tensor, torch.Tensor) and tensor.requires_grad):
+            return  # nothing trainable behind it: no contribution
+        node = tensor.grad_fn
+        if node is None:  # a parameter itself: its gradient is the batch's, not a sample's
+            self.fallback("taps a leaf tensor")
+        tap = _Tap(self, fn, node)
+        engine = self.engine
+        if self._reached(node):
+            # the backward runs this tensor's node anyway (something it reads leads to a
+            # module output or tap the engine differentiates against): a hook, freed at once
+            tensor.register_hook(tap)
+            engine.hooked_taps.append(tap)
+        else:
+            # computed from parameters only (a table broadcast over the batch) or from inputs
+            # that do not require grad (a first module): the backward would stop short of it,
+            # so it is differentiated against directly
+            engine.targets.append((get_gradient_edge(tensor), tap))
+        engine.reaching.add(node)
+
+    def add(self, name: str, squared: torch.Tensor) -> None:
+        if name not in self.claimed:
+            if name not in dict(self.module.named_parameters()):
+                raise KeyError(f"{type(self.module).__name__} has no parameter {name!r}")
+            return  # frozen
+        self.sums[name] = squared if name not in self.sums else self.sums[name] + squared
+
+    def wants(self, name: str) -> bool:
+        return name in self.claimed
+
+    def keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        kept = tensor.detach()  # shares the version counter: in-place changes are seen
+        self.kept.append((kept, kept._version))
+        if kept.is_floating_point() and kept.dtype not in (torch.float32, torch.float64):
+            kept = kept.float()
+        return kept
+
+    def batch(self, tensor: torch.Tensor | None, dim: int, per_sample: int = 1) -> None:
+        if isinstance(tensor, torch.Tensor):
+            self.layout[id(tensor)] = (dim % tensor.dim(), per_sample)
+
+    def fallback(self, why: str) -> NoReturn:
+        raise _NeedsWholeModelFallback(f"{type(self.module).__name__} {why}")
+
+    # the engine's side
+    def check_kept(self) -> None:
+        if any(t._version != v for t, v in self.kept):
+            self.fallback("had an input modified in place after use")
+
+    def _reached(self, node) -> bool:
+        """Whether the backward will run ``node``: some node it reads (transitively) is a module
+        output or tap the engine differentiates against or hooks, or was made before this
+        module's forward started (every such node of the loss's graph leads to one: the first
+        modules' outputs are differentiated against, and composites keep it so). A node read
+        only through parameters is not (its gradient would only accumulate into them)."""
+        stack = [child for child, _ in node.next_functions if child is not None]
+        seen: set = set()
+        while stack:
+            child = stack.pop()
+            if child in seen:
+                continue
+            seen.add(child)
+            if child in self.engine.reaching:
+                return True
+            if hasattr(child, "variable"):  # a leaf (a parameter)
+                continue
+            if child._sequence_nr() < self.start:
+                return True
+            stack.extend(c for c, _ in child.next_functions if c is not None)
+        return False
 
 
 def _owned(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -222,6 +364,34 @@ def _reached_parameters(
     return edges, seen
 
 
+def _check_layout(call: _Call, n: int, m: int | None, other: tuple | None) -> None:
+    """A composite rule's declared layout against the shapes its inputs and outputs had at
+    batch sizes n and m (``other``; None for n = 1, where only the sizes are checked): a leaf
+    declared (dim, k) must have n k entries in dim at n and m k at m, the same shape elsewhere;
+    any other leaf must not depend on the batch size. Raises _NeedsWholeModelFallback otherwise
+    (a composite cannot give way to the per-module fallback)."""
+    name = type(call.module).__name__
+    for shapes, shapes_m, declared in zip(call.shapes, other or (None, None), call.layout):
+        for i, (shape, layout) in enumerate(zip(shapes, declared)):
+            if layout is None:
+                ok = other is None or _batch_dim(shape, n, shapes_m[i], m) is None
+            else:
+                dim, k = layout
+                ok = shape is not None and dim < len(shape) and shape[dim] == n * k
+                if ok and other is not None:
+                    shape_m = shapes_m[i]
+                    ok = (
+                        shape_m is not None
+                        and len(shape_m) == len(shape)
+                        and shape_m[dim] == m * k
+                        and all(a == b for d, (a, b) in enumerate(zip(shape, shape_m)) if d != dim)
+                    )
+            if not ok:
+                raise _NeedsWholeModelFallback(
+                    f"{name} does not carry the batch where its composite rule expects it"
+                )
+
+
 class _Engine:
     def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
         self.model, self.loss_fn = model, loss_fn
@@ -230,9 +400,11 @@ class _Engine:
         self.modules: list[nn.Module] = []
         self.names: list[str] = []
         self.params: list[nn.Parameter] = []
-        self.hooked: dict[nn.Module, Rule | None] = {}
+        self.hooked: dict[nn.Module, Rule | Composite | None] = {}
         self.owned: dict[nn.Module, dict[str, nn.Parameter]] = {}
         owners: dict[int, int] = {}
+        claimed: set[int] = set()  # ids of parameters a composite rule covers
+        self.conflict = ""
         for prefix, module in model.named_modules():
             self.modules.append(module)
             owned = _owned(module)
@@ -241,16 +413,22 @@ class _Engine:
                 if owners[id(p)] == 1:
                     self.names.append(f"{prefix}.{name}" if prefix else name)
                     self.params.append(p)
-            if owned:
-                rule = rule_for(module)
-                if (
-                    isinstance(module, nn.RNNBase)
-                    and "forward" not in vars(module)
-                    and recurrent_unsupported(module) is None
-                ):
-                    rule = _recurrent_rule
-                self.hooked[module] = rule
-                self.owned[module] = owned
+            if not owned:
+                continue
+            covered = [id(p) in claimed for p in owned.values()]
+            if all(covered):  # a child whose parameters its composite parent reads itself
+                continue
+            if any(covered):
+                self.conflict = f"{type(module).__name__} is covered in part by a composite rule"
+            rule = rule_for(module)
+            if isinstance(rule, Composite):
+                # a composite owns what its forward reads, its children's parameters included
+                # (names relative to the module: "out_proj.weight"); modules come in
+                # named_modules() order, parents before children
+                owned = {n: p for n, p in rule.parameters(module).items() if p.requires_grad}
+                claimed.update(id(p) for p in owned.values())
+            self.hooked[module] = rule
+            self.owned[module] = owned
         self.column = {id(p): i for i, p in enumerate(self.params)}
         self.tied = any(count > 1 for count in owners.values())
         self.no_running_stats = any(
@@ -262,7 +440,16 @@ class _Engine:
         )
         # modules without a rule: the autograd sequence numbers at the start and end of their
         # forward, per chunk (a node created in between was created by their forward)
-        self.windowed = [m for m, r in self.hooked.items() if r is None]
+        # Composite rules too: their parameters must be read only inside their forward.
+        self.windowed = [m for m, r in self.hooked.items() if r is None or isinstance(r, Composite)]
+        self.composites = [m for m, r in self.hooked.items() if isinstance(r, Composite)]
+        # per chunk: composite contexts between a composite's forward and its forward hook; the
+        # taps that run as hooks in the backward, those the backward differentiates against, and
+        # the graph nodes known to be run or reached by the backward (see _CompositeContext)
+        self.pending: dict[nn.Module, _CompositeContext] = {}
+        self.hooked_taps: list[_Tap] = []
+        self.targets: list[tuple[GradientEdge, _Tap]] = []
+        self.reaching: set = set()
         self.windows: dict[nn.Module, list[int]] = {}
         self.tick = torch.zeros((), requires_grad=True)
         # eval-mode BatchNorms whose backward the engine runs itself (see _FusedBatchNorm): their
@@ -272,10 +459,6 @@ class _Engine:
         # fused BatchNorms that alone read the output of a first-layer convolution: that
         # convolution's rule runs in the BatchNorm's backward (see _batchnorm_backward)
         self.first_layer: dict[nn.Module, _Call] = {}
-        # recurrent layers whose batched forward ran in this chunk: the norms their backward
-        # records (see _recurrent_forward)
-        self.recurrent = [m for m, r in self.hooked.items() if r is _recurrent_rule]
-        self.recurrent_runs: dict[nn.Module, dict[str, torch.Tensor]] = {}
         self.active = False
         self.calls: dict[nn.Module, _Call] = {}
         self.reused = False
@@ -313,17 +496,22 @@ class _Engine:
         call.args, call.kwargs = tuple(args), dict(kwargs)
         call.versions = tuple(a._version for a in tensor_args)
         call.shapes = (_shapes(inputs), _shapes(outputs))
+        if isinstance(call.rule, Composite):
+            ctx = self.pending.pop(module, None)
+            if ctx is None:
+                raise _NeedsWholeModelFallback(
+                    f"the composite rule of {type(module).__name__} did not run"
+                )
+            call.ctx, call.args, call.kwargs = ctx, (), {}
+            # its taps deliver the gradients: nothing to hook on its outputs
+            call.layout = tuple(
+                [ctx.layout.get(id(t)) if isinstance(t, torch.Tensor) else None for t in leaves]
+                for leaves in (inputs, outputs)
+            )
+            return None
         if module in self.fused:
             call.grad_outputs = (0,)
             return None  # its backward delivers the result itself
-        if module in self.recurrent_runs:
-            call.result = self.recurrent_runs[module]  # filled by its backward
-            call.grad_outputs = tuple(
-                i for i, t in enumerate(outputs) if isinstance(t, torch.Tensor) and t.requires_grad
-            )
-            return None
-        if call.rule is _recurrent_rule:  # its batched forward did not run (see the notes)
-            call.rule = None
         root = not any(a.requires_grad for a in tensor_args)
         grad_outputs = []
         for i, out in enumerate(outputs):
@@ -334,6 +522,7 @@ class _Engine:
                 # nothing upstream requires grad: the backward stops at this output's edge and
                 # hands its gradient over directly (no hook: the edge is captured, not run)
                 self.roots.append((get_gradient_edge(out), call, i))
+                self.reaching.add(out.grad_fn)
             else:
                 out.register_hook(self._grad_hook(call, i))
         call.grad_outputs = tuple(grad_outputs)
@@ -417,21 +606,17 @@ class _Engine:
 
         return forward
 
-    def _recurrent_forward(self, module: nn.RNNBase) -> Callable:
-        stock = type(module).forward
+    def _composite_forward(self, module: nn.Module) -> Callable:
+        composite, stock = self.hooked[module], type(module).forward
 
-        def forward(input, hx=None):
-            if not self.active or module in self.calls:
-                return stock(module, input, hx)
-            why = recurrent_unsupported(module, input, hx)
-            if why is not None:
-                self.notes.add(
-                    f"{type(module).__name__}: {why}; using the exact per-module fallback for it"
-                )
-                return stock(module, input, hx)
-            norms: dict[str, torch.Tensor] = {}
-            self.recurrent_runs[module] = norms
-            return recurrent_forward(module, input, hx, norms.__setitem__)
+        def forward(*args, **kwargs):
+            # the probe and any call but the first of a chunk run the stock forward (a second
+            # call is then seen by the forward hook: the whole model falls back)
+            if not self.active or module in self.calls or module in self.pending:
+                return stock(module, *args, **kwargs)
+            ctx = _CompositeContext(self, module, self.windows[module][0])
+            self.pending[module] = ctx
+            return composite.forward(module, ctx, *args, **kwargs)
 
         return forward
 
@@ -451,7 +636,12 @@ class _Engine:
             a = a.detach().to(compute)
         if scale is not None:  # only conv_rule takes one (see _batchnorm_backward)
             return call.rule(call.module, a, grad.detach().to(compute), scale=scale.to(compute))
-        return call.rule(call.module, a, grad.detach().to(compute))
+        grad = grad.detach().to(compute)
+        if call.batch_dim is None:
+            a, grad = a.unsqueeze(0), grad.unsqueeze(0)
+        elif call.batch_dim:
+            a, grad = a.movedim(call.batch_dim, 0), grad.movedim(call.batch_dim, 0)
+        return call.rule(call.module, a, grad)
 
     def _apply_fallback(self, call: _Call) -> dict[str, torch.Tensor]:
         """Exact per-sample gradients of one module's own parameters: the vector-Jacobian product
@@ -540,7 +730,12 @@ class _Engine:
         if m in self.observed:
             return m, self.observed[m]
         self.probing, self.probe_calls = True, {}
+        fastpath = torch.backends.mha.get_fastpath_enabled()
         try:
+            # without grad, nn.MultiheadAttention and the nn.Transformer* layers may take their
+            # fused inference kernels, in which submodules do not run (and nested tensors
+            # replace padded ones): the probe must see the modules the chunk's forward runs
+            torch.backends.mha.set_fastpath_enabled(False)
             with torch.no_grad():
                 self.model(x[:m].detach())
         except Exception as error:  # noqa: BLE001
@@ -549,6 +744,7 @@ class _Engine:
             ) from error
         finally:
             self.probing = False
+            torch.backends.mha.set_fastpath_enabled(fastpath)
         self.observed[m] = self.probe_calls
         return m, self.probe_calls
 
@@ -570,13 +766,18 @@ class _Engine:
             for call in calls:
                 ins, outs = call.shapes
                 call.in_dims, call.out_dims = [None] * len(ins), [None] * len(outs)
-                if call.rule not in (None, _recurrent_rule) and not (
+                if isinstance(call.rule, Composite):
+                    _check_layout(call, n, None, None)
+                elif call.rule is not None and not (
                     ins
                     and ins[0]
                     and ins[0][0] == 1
                     and all(outs[i] and outs[i][0] == 1 for i in call.grad_outputs)
                 ):
-                    self._reroute(call, "does not carry the batch in dim 0")
+                    if _positionwise_dim(call, None):
+                        call.batch_dim = None  # the whole chunk is the sample
+                    else:
+                        self._reroute(call, "does not carry the batch in dim 0")
             return
         try:
             found = self._find_batch_dims(calls, n, *self._reference(n, x))
@@ -588,6 +789,10 @@ class _Engine:
             found = self._find_batch_dims(calls, n, *self._reference(n, x, 2))
         for call, (in_dims, out_dims, reroute) in zip(calls, found):
             call.in_dims, call.out_dims = in_dims, out_dims
+            if reroute and _positionwise_dim(call, in_dims[0]):
+                grad_dims = {out_dims[i] for i in call.grad_outputs}
+                if grad_dims == {in_dims[0]}:  # the same dimension in and out: move it
+                    call.batch_dim, reroute = in_dims[0], False
             if reroute:
                 self._reroute(call, "carries the batch in another dimension than 0")
         self.observed.setdefault(n, {c.module: c.shapes for c in self.calls.values()})
@@ -607,6 +812,10 @@ class _Engine:
                 raise _NeedsWholeModelFallback(
                     f"the inputs or outputs of {name} depend on the batch size"
                 )
+            if isinstance(call.rule, Composite):  # its own layout, checked; never split here
+                _check_layout(call, n, m, (ins_m, outs_m))
+                found.append(([None] * len(ins), [None] * len(outs), False))
+                continue
             in_dims = [_batch_dim(a, n, b, m) for a, b in zip(ins, ins_m)]
             out_dims = [_batch_dim(a, n, b, m) for a, b in zip(outs, outs_m)]
             grad_dims = [out_dims[i] for i in call.grad_outputs]
@@ -619,19 +828,6 @@ class _Engine:
                 raise _NeedsWholeModelFallback(
                     f"the batch of {name}'s inputs or outputs is not one dimension of them"
                 )
-            if call.rule is _recurrent_rule:
-                # the batched forward read the batch from batch_first (dim 1 of every state)
-                first = 0 if call.module.batch_first else 1
-                expected = [
-                    [None if shape is None else first if i == 0 else 1 for i, shape in enumerate(s)]
-                    for s in (ins, outs)
-                ]
-                if [in_dims, out_dims] != expected:
-                    raise _NeedsWholeModelFallback(
-                        f"{name} does not carry the batch where its batch_first says"
-                    )
-                found.append((in_dims, out_dims, False))
-                continue
             reroute = call.rule is not None and (
                 in_dims[:1] != [0] or any(d != 0 for d in grad_dims)
             )
@@ -644,7 +840,7 @@ class _Engine:
 
     def _reroute(self, call: _Call, why: str) -> None:
         name = type(call.module).__name__
-        if call.module in self.fused or call.module in self.recurrent_runs:
+        if call.module in self.fused or isinstance(call.rule, Composite):
             raise _NeedsWholeModelFallback(f"{name} {why}")
         call.rule = None
         self.notes.add(f"{name} {why}; using the exact per-module fallback for it")
@@ -652,12 +848,15 @@ class _Engine:
     # ------------------------------------------------------------------ one chunk
     def chunk(self, x: torch.Tensor) -> torch.Tensor:
         """float64 [n, T] per-tensor squared norms for the samples of ``x``."""
-        if self.tied or self.no_running_stats:
+        if self.tied or self.no_running_stats or self.conflict:
             raise _NeedsWholeModelFallback(
-                "tied parameters" if self.tied else "BatchNorm without running statistics"
+                "tied parameters"
+                if self.tied
+                else self.conflict or "BatchNorm without running statistics"
             )
         self.calls, self.roots, self.reused = {}, [], False
-        self.fused, self.first_layer, self.recurrent_runs = {}, {}, {}
+        self.pending, self.hooked_taps, self.targets, self.reaching = {}, [], [], set()
+        self.fused, self.first_layer = {}, {}
         self.windows = {}
         handles = [
             m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self.hooked
@@ -666,8 +865,8 @@ class _Engine:
         try:
             for module in self.fusable:
                 module.forward = self._fused_forward(module)
-            for module in self.recurrent:
-                module.forward = self._recurrent_forward(module)
+            for module in self.composites:
+                module.forward = self._composite_forward(module)
             if x.shape[0] > 1 and all(size == x.shape[0] for size in self.observed):
                 # the probe (see _reference) runs before the chunk's forward: between the forward
                 # and the backward it would evict what the backward reads next (measured)
@@ -690,6 +889,8 @@ class _Engine:
             self._check_windows(tracked)
             self._batch_dims(x.shape[0], x, edges)
             roots = [r for r in self.roots if r[0].node in nodes]
+            # composite taps the backward would not reach by itself (see _CompositeContext)
+            targets = [t for t in self.targets if t[0].node in nodes]
             for bn, (edge, node) in self.fused.items():
                 for root_edge, call, _ in roots:
                     if (
@@ -699,31 +900,40 @@ class _Engine:
                         and node in nodes
                     ):
                         self.first_layer[bn] = call
-            # the backward must run every batched recurrent layer's backward, also where nothing
-            # upstream of it requires grad: it is differentiated against one of its parameters
-            # too (whose gradient it never forms: this costs nothing more)
-            forced = []
-            for module in self.recurrent_runs:
-                reached = [p for p in self.owned[module].values() if id(p) in edges]
-                if reached and not self.calls[module].skip:
-                    forced.append(get_gradient_edge(reached[0]))
-            if roots or forced:
+            if roots or targets:
                 grads = torch.autograd.grad(
-                    loss.sum(), [r[0] for r in roots] + forced, allow_unused=True
+                    loss.sum(), [r[0] for r in roots] + [t[0] for t in targets], allow_unused=True
                 )
                 for (_, call, index), grad in zip(roots, grads):
                     if grad is not None:
                         self._receive(call, index, grad)
+                for (_, tap), grad in zip(targets, grads[len(roots) :]):
+                    if grad is not None:  # None: no gradient flowed (a zero one)
+                        tap(grad)
             self.active = False
+            for tap in self.hooked_taps:
+                # a hooked tap whose node the loss reaches ran in the backward, or the engine's
+                # reasoning about what the backward runs failed: never count it as zero then
+                if not tap.fired and tap.node in nodes:
+                    raise _NeedsWholeModelFallback(
+                        f"a gradient tap of {type(tap.ctx.module).__name__} was not reached"
+                    )
             columns: dict[int, torch.Tensor] = {}
             for module, call in self.calls.items():
                 if call.skip:
                     continue
-                result = call.result if call.rule is not None else self._apply_fallback(call)
+                if call.ctx is not None:  # a composite rule: what its taps added up
+                    result = call.ctx.sums
+                elif call.rule is not None:
+                    result = call.result
+                else:
+                    result = self._apply_fallback(call)
                 for name, p in self.owned[module].items():
                     if id(p) not in edges:
                         continue
-                    if self.hooked[module] is not None and edges[id(p)] != 1:
+                    # (a composite's parameters may feed several nodes, e.g. a packed projection
+                    # split into blocks: the windows check covers them)
+                    if call.rule is not None and call.ctx is None and edges[id(p)] != 1:
                         raise _NeedsWholeModelFallback(
                             f"a parameter of {type(module).__name__} is also used outside it"
                         )
@@ -752,9 +962,10 @@ class _Engine:
             self.active = False
             for h in handles:
                 h.remove()
-            for module in self.fusable + self.recurrent:
+            for module in self.fusable + self.composites:
                 vars(module).pop("forward", None)
-            self.calls, self.fused, self.first_layer, self.recurrent_runs = {}, {}, {}, {}
+            self.calls, self.fused, self.first_layer = {}, {}, {}
+            self.pending, self.hooked_taps, self.targets, self.reaching = {}, [], [], set()
 
 
 def _auto_chunk(x: torch.Tensor, n_params: int) -> int:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .composite import Composite, composite_for
+
 SquaredNorms = dict[str, torch.Tensor]
 Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor], SquaredNorms]
 
@@ -108,22 +110,34 @@ def _wants(module: nn.Module, name: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- Linear
-def linear_rule(module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> SquaredNorms:
+def linear_sq_norms(
+    a: torch.Tensor, g: torch.Tensor, weight: bool = True, bias: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """float64 [N] squared norms of the per-sample weight and bias gradients (None where not
+    asked) of a linear map y = a W^T + b from its input ``a`` [N, ..., in] and output gradient
+    ``g`` [N, ..., out]; positions in the middle dimensions share W and b (their gradients add).
+    The weight's are materialised or taken by the Gram identity, whichever costs fewer flops."""
     n = a.shape[0]
     a = a.reshape(n, -1, a.shape[-1])  # [N, T, in]: extra leading dims are summed over
     g = g.reshape(n, -1, g.shape[-1])  # [N, T, out]
     t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
-    weight = bias = None
-    if _wants(module, "weight"):
+    w_sq = b_sq = None
+    if weight:
         if t == 1:
-            weight = squared_norms(a) * squared_norms(g)
+            w_sq = squared_norms(a) * squared_norms(g)
         elif _use_ghost(t * t * (d_in + d_out), t * d_in * d_out):
-            weight = _gram_sum(a, g)
+            w_sq = _gram_sum(a, g)
         else:
-            weight = squared_norms(torch.bmm(g.transpose(1, 2), a))
-    if _wants(module, "bias"):
-        bias = squared_norms(g.sum(dim=1))
-    return _weight_and_bias(weight, bias)
+            w_sq = squared_norms(torch.bmm(g.transpose(1, 2), a))
+    if bias:
+        b_sq = squared_norms(g.sum(dim=1))
+    return w_sq, b_sq
+
+
+def linear_rule(module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> SquaredNorms:
+    return _weight_and_bias(
+        *linear_sq_norms(a, g, _wants(module, "weight"), _wants(module, "bias"))
+    )
 
 
 # ---------------------------------------------------------------------------------- convolutions
@@ -536,11 +550,9 @@ def batchnorm_backward(
 
 
 def layernorm_rule(module: nn.LayerNorm, a, g) -> SquaredNorms:
-    k = len(module.normalized_shape)
-    dims = tuple(range(a.dim() - k, a.dim()))
-    mean = a.mean(dim=dims, keepdim=True)
-    var = a.var(dim=dims, unbiased=False, keepdim=True)
-    x_hat = (a - mean) * torch.rsqrt(var + module.eps)
+    # the normalised input by the layer-norm kernel itself (without affine parameters): one
+    # pass, where mean and var take several (a var alone cost 6x the kernel, measured)
+    x_hat = F.layer_norm(a, module.normalized_shape, eps=module.eps)
     n = a.shape[0]
     flat = (n, -1, *module.normalized_shape)
     return _affine_rule(module, x_hat.reshape(flat), g.reshape(flat), (1,))
@@ -599,11 +611,16 @@ _KNOWN_FORWARDS: dict[type, set] = {
 }
 
 
-def rule_for(module: nn.Module) -> Rule | None:
-    """The exact rule for ``module``, or None when it needs the generic fallback (an unsupported
-    type, a subclass with its own forward, or BatchNorm that normalises with batch statistics)."""
+def rule_for(module: nn.Module) -> Rule | Composite | None:
+    """The exact rule for ``module`` (a composite rule for modules that read their parameters
+    outside their children's forwards, see :mod:`.composite`), or None when it needs the generic
+    fallback (an unsupported type, a subclass with its own forward, or BatchNorm that normalises
+    with batch statistics)."""
     if "forward" in vars(module):  # an instance-level forward: the rules cannot know it
         return None
+    composite = composite_for(module)
+    if composite is not None:
+        return composite
     for base, rule in _RULES:
         if isinstance(module, base):
             own_forward = type(module).forward

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .composite import Composite, CompositeContext, register
 from .layers import _use_ghost, squared_norms
 
 Record = Callable[[str, Tensor], None]
@@ -52,37 +53,44 @@ _NATIVE = {"RNN_TANH": torch._VF.rnn_tanh, "RNN_RELU": torch._VF.rnn_relu}
 
 
 def unsupported(module: nn.RNNBase, input=None, hx=None) -> str | None:
-    """Why :func:`recurrent_forward` cannot run ``module`` (on ``input``), or None when it can."""
+    """Why :func:`recurrent_forward` cannot run ``module`` (on ``input``), or None when it can;
+    worded to follow the module's type name ("LSTM has proj_size > 0 ...")."""
     if type(module).forward not in (nn.LSTM.forward, nn.GRU.forward, nn.RNN.forward):
-        return "it overrides forward"
+        return "overrides forward"
     if module.mode not in ("LSTM", "GRU", *_NATIVE):
-        return f"mode {module.mode!r} is not known"
+        return f"has an unknown mode {module.mode!r}"
     if getattr(module, "proj_size", 0) > 0:
-        return "proj_size > 0 is not supported by the batched rule"
+        return "has proj_size > 0 (no batched rule for projections)"
     if module.training and module.dropout > 0 and module.num_layers > 1:
-        return "dropout between layers is active (training mode)"
+        return "has dropout between layers active (training mode)"
     if input is None:
         return None
     if isinstance(input, PackedSequence):
-        return "its input is a PackedSequence"
+        return "reads a PackedSequence"
     if not isinstance(input, Tensor) or input.dim() != 3:
-        return "its input is not a batched 3-D tensor"
+        return "reads an input that is not a batched 3-D tensor"
     if input.dtype not in (torch.float32, torch.float64):
-        return f"its input is {input.dtype} (the batched rule takes float32 and float64)"
+        return f"reads {input.dtype} (the batched rule takes float32 and float64)"
     states = hx if isinstance(hx, tuple) else (hx,)
     if any(s is not None and (not isinstance(s, Tensor) or s.dim() != 3) for s in states):
-        return "its initial state is not a batched 3-D tensor"
+        return "reads an initial state that is not a batched 3-D tensor"
     return None
 
 
 def recurrent_forward(
-    module: nn.RNNBase, input: Tensor, hx: Tensor | tuple[Tensor, Tensor] | None, record: Record
+    module: nn.RNNBase,
+    input: Tensor,
+    hx: Tensor | tuple[Tensor, Tensor] | None,
+    record: Record,
+    anchor: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
-    """``module(input, hx)``, computed by the same native kernels, whose backward calls
+    """``module(input, hx)`` (the same computation, up to float rounding), whose backward calls
     ``record(name, squared_norms)`` (float64 [N], sample n's squared gradient norm) once for
     every trainable parameter of ``module`` (names as in ``module.named_parameters()``) and
     passes the gradients of ``input`` and ``hx`` on. Parameter gradients are not computed:
-    the parameters get None. The caller checks :func:`unsupported` first."""
+    the parameters get None. ``anchor``: a tensor that requires grad, one more input of the
+    autograd function (its gradient is None): differentiating against it runs the backward
+    where nothing else upstream requires grad. The caller checks :func:`unsupported` first."""
     lstm = module.mode == "LSTM"
     layers, directions = module.num_layers, 2 if module.bidirectional else 1
     x = input.transpose(0, 1) if module.batch_first else input  # time-major [T, N, E]
@@ -100,7 +108,7 @@ def recurrent_forward(
         name for name, p in zip(names, module._flat_weights) if p is not None and p.requires_grad
     )
     spec = (module.mode, layers, directions, module.bias, names, trainable, record)
-    out, h_n, c_n = _Recurrent.apply(spec, x, h0, c0, *module._flat_weights)
+    out, h_n, c_n = _Recurrent.apply(spec, x, h0, c0, anchor, *module._flat_weights)
     if module.batch_first:
         out = out.transpose(0, 1)
     return out, ((h_n, c_n) if lstm else h_n)
@@ -108,7 +116,7 @@ def recurrent_forward(
 
 class _Recurrent(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, spec, x, h0, c0, *weights):
+    def forward(ctx, spec, x, h0, c0, anchor, *weights):
         mode, layers, directions, bias = spec[:4]
         per_dir = len(weights) // (layers * directions)
         hidden = h0.shape[2]
@@ -194,7 +202,7 @@ class _Recurrent(torch.autograd.Function):
         d_x = d_out if ctx.needs_input_grad[1] else None
         d_h0 = _stack(d_h0) if ctx.needs_input_grad[2] else None
         d_c0 = _stack(d_c0) if ctx.needs_input_grad[3] else None
-        return (None, d_x, d_h0, d_c0, *[None] * len(weights))
+        return (None, d_x, d_h0, d_c0, None, *[None] * len(weights))
 
 
 def _stack(grads: list) -> Tensor | None:
@@ -443,3 +451,38 @@ def _weight_sq_norms(a: Tensor, g: Tensor, grams: dict[int, Tensor]) -> Tensor:
         gram_a = torch.bmm(a_n, a_n.transpose(1, 2)).flatten(1)
         return torch.linalg.vecdot(gram_a, grams[id(g)]).double()
     return squared_norms(torch.bmm(g_n.transpose(1, 2), a_n))
+
+
+class RecurrentComposite(Composite):
+    """The engine's composite rule for nn.LSTM / nn.GRU / nn.RNN (see :mod:`.composite`): the
+    module's forward by :func:`recurrent_forward`, whose backward adds the norms."""
+
+    def forward(self, module: nn.RNNBase, ctx: CompositeContext, input, hx=None):
+        why = unsupported(module, input, hx)
+        if why is not None:
+            ctx.fallback(why)
+        first = 0 if module.batch_first else 1
+        states = [] if hx is None else list(hx) if isinstance(hx, tuple) else [hx]
+        for tensor, dim in [(input, first)] + [(s, 1) for s in states]:
+            ctx.batch(tensor, dim)
+        # a tensor made for the purpose, passed to the autograd function: the engine
+        # differentiates against it, so the backward runs even where nothing upstream requires
+        # grad (it would stop at this module's outputs) or where upstream is not on the path to
+        # what the engine differentiates against otherwise
+        anchor = input.new_zeros((), requires_grad=True).view(())
+        ctx.on_grad(anchor, lambda grad: None)
+        out, state = recurrent_forward(module, input, hx, ctx.add, anchor)
+        for tensor, dim in [(out, first)] + [(s, 1) for s in _leaves(state)]:
+            ctx.batch(tensor, dim)
+        return out, state
+
+
+def _leaves(state) -> list[Tensor]:
+    return list(state) if isinstance(state, tuple) else [state]
+
+
+@register
+def _recurrent_composite(module: nn.Module) -> Composite | None:
+    if isinstance(module, nn.RNNBase) and unsupported(module) is None:
+        return RecurrentComposite()
+    return None
