@@ -302,3 +302,26 @@ def test_a_batch_where_batch_first_does_not_say_is_never_split_wrongly():
         TimeAsBatch().double(), torch.randn(4, T, E, dtype=torch.float64), warn=True
     )
     assert any("whole model" in m for m in fallbacks), fallbacks
+
+
+class Short(nn.Module):
+    """Sequences of one step, the initial state passed by keyword, the final cell state used."""
+
+    def __init__(self, cell: str) -> None:
+        super().__init__()
+        self.rnn = CELLS[cell](E, H, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(2 * H, 3)
+
+    def forward(self, x):
+        h0 = torch.tanh(x[:, :1].transpose(0, 1)).mean(dim=2, keepdim=True).expand(2, -1, H)
+        hx = (h0, h0 * 0.5) if isinstance(self.rnn, nn.LSTM) else h0
+        out, state = self.rnn(x, hx=hx)
+        last = state[1] if isinstance(state, tuple) else state
+        return self.fc(out[:, -1] + last.transpose(0, 1).flatten(1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_one_step_sequences_a_keyword_state_and_a_batch_of_one(cell, n):
+    torch.manual_seed(9)
+    _engine_vs_loop(Short(cell).double(), torch.randn(n, 1, E, dtype=torch.float64))
