@@ -212,26 +212,9 @@ class Unbatched(nn.Module):
         return self.fc((self.inp(x) + ctx).mean(dim=1))
 
 
-class Folded(nn.Module):
-    """The samples folded into one sequence [1, N L, E], a block-diagonal mask keeping them
-    apart: per-sample gradients are defined, but the batch is not where the rule expects it."""
-
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(3, E)
-        self.att = nn.MultiheadAttention(E, HEADS, batch_first=True)
-        self.fc = nn.Linear(E, 3)
-
-    def forward(self, x):
-        n = x.shape[0]
-        h = self.inp(x).reshape(1, n * L, E)
-        block = torch.arange(n * L) // L
-        mask = block.unsqueeze(0) != block.unsqueeze(1)
-        out, _ = self.att(h, h, h, attn_mask=mask, need_weights=False)
-        return self.fc(out.reshape(n, L, E).mean(dim=1))
-
-
 class Twice(nn.Module):
+    """One attention layer called twice (shared weights)."""
+
     def __init__(self):
         super().__init__()
         self.inp = nn.Linear(3, E)
@@ -242,6 +225,19 @@ class Twice(nn.Module):
         h = self.inp(x)
         h = self.att(h, h, h)[0]
         return self.fc(self.att(h, h, h)[0].mean(dim=1))
+
+
+class Folded(Twice):
+    """The samples folded into one sequence [1, N L, E], a block-diagonal mask keeping them
+    apart: per-sample gradients are defined, but the batch is not where the rule expects it."""
+
+    def forward(self, x):
+        n = x.shape[0]
+        h = self.inp(x).reshape(1, n * L, E)
+        block = torch.arange(n * L) // L
+        mask = block.unsqueeze(0) != block.unsqueeze(1)
+        out, _ = self.att(h, h, h, attn_mask=mask, need_weights=False)
+        return self.fc(out.reshape(n, L, E).mean(dim=1))
 
 
 class Outside(Twice):

@@ -129,6 +129,7 @@ def test_resnet18_and_vgg16_compute_torchvision_s_networks():
             assert torch.allclose(model(x), reference(x), atol=1e-6)
 
 
+@pytest.mark.usefixtures("one_thread")  # small networks: see conftest
 def test_the_vision_transformers_are_torchvision_s_networks():
     from torchvision.models import VisionTransformer, vit_b_16
 
