@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/scoring.py --model smallcnn|resnet18-cifar|fcn-small|drn-d-22|cnn3d|resnet3d
-        |vit-small-cifar
+        |vit-small-cifar|lstm-text
         [--device cpu|cuda] [--n N] [--batch-size B] [--repeats R] [--threads T] [--loop-n M]
         [--pin-heap] [--no-memory]
 
@@ -11,9 +11,18 @@ Three methods are timed on the same model (random seeded weights, BatchNorm runn
 randomised a little, a ViT's zero-initialised head drawn from N(0, 0.02), eval mode, float32) and
 the same random-normal inputs (1x28x28 for ``smallcnn``, 3x32x32 for ``resnet18-cifar`` and
 ``vit-small-cifar``, 3x64x64 crops for the segmentation models ``fcn-small`` and ``drn-d-22``,
-1x32x32x32 subtomograms for the 3-D models ``cnn3d`` and ``resnet3d``), with the entropy loss
-of the GradNorm strategy (for the dense models: per-pixel entropy averaged over each image,
-``entropy_loss``'s default reduction):
+1x32x32x32 subtomograms for the 3-D models ``cnn3d`` and ``resnet3d``; for the text classifier
+``lstm-text``, uniformly random token ids), with the entropy loss of the GradNorm strategy (for
+the dense models: per-pixel entropy averaged over each image, ``entropy_loss``'s default
+reduction).
+
+``lstm-text`` (issue 20) is a plain recurrent text classifier, sized like the common
+IMDB / AG-News baselines: ``nn.Embedding(20000, 128)`` -> a one-layer unidirectional
+``nn.LSTM(128, 256, batch_first=True)`` -> ``nn.Linear(256, 10)`` on the final hidden state,
+over sequences of 64 tokens. One layer is the common baseline; a second layer or direction adds
+one more such unit of work to every method alike.
+
+The methods:
 
 (a) ``loop``: :func:`gradnorm_al.pergrad.per_sample_grad_norms_loop`, one backward per sample. It
     is slow, so it runs on the first ``M`` samples only (``--loop-n``; default ``min(N, 64)`` on
@@ -60,11 +69,13 @@ Targets (from the issue):
   being the dense loss's forward + backward), with the engine's peak memory growing with the
   chunk (``--batch-size``), not with ``--n``.
 
-* ``engine_over_train_step <= 1.2`` for ``vit-small-cifar`` on the CPU (issue 20).
+* ``engine_over_train_step <= 1.2`` for ``vit-small-cifar`` and ``lstm-text`` on the CPU
+  (issue 20).
 
 No target is set for the 3-D models (issue 17): the numbers are reported as measured. A 32^3
 volume costs about as much as a 180x180 image, so on the CPU the 3-D models default to
-``--n 32 --batch-size 16 --loop-n 8`` (explicit flags win).
+``--n 32 --batch-size 16 --loop-n 8`` (explicit flags win). On the CPU ``lstm-text`` defaults to
+``--loop-n 16``: the loop's float32 LSTM backward (oneDNN's) costs ~0.2 s per call at any size.
 """
 
 from __future__ import annotations
@@ -98,9 +109,12 @@ INPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "cnn3d": (1, 32, 32, 32),
     "resnet3d": (1, 32, 32, 32),
     "vit-small-cifar": (3, 32, 32),
+    "lstm-text": (64,),  # token ids
 }
+#: text models: vocabulary size (the inputs are token ids of INPUT_SHAPES' length)
+VOCAB = {"lstm-text": 20000}
 #: CPU defaults of --n, --batch-size and --loop-n where the general ones would take too long
-CPU_DEFAULTS = {name: (32, 16, 8) for name in ("cnn3d", "resnet3d")}
+CPU_DEFAULTS = {name: (32, 16, 8) for name in ("cnn3d", "resnet3d")} | {"lstm-text": (256, 64, 16)}
 NUM_CLASSES = 10
 #: segmentation models: Cityscapes' 19 classes
 DENSE_NUM_CLASSES = {"fcn-small": 19, "drn-d-22": 19}
@@ -173,10 +187,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class LSTMText(nn.Module):
+    """Token ids [N, L] -> embedding -> one-layer LSTM -> linear head on the final hidden state."""
+
+    def __init__(self, vocab: int, num_classes: int, embed: int = 128, hidden: int = 256) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, embed)
+        self.lstm = nn.LSTM(embed, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        _, (h_n, _) = self.lstm(self.embed(ids))
+        return self.head(h_n[-1])
+
+
 def build_model(name: str, device: torch.device) -> nn.Module:
     """Seeded random weights, BatchNorm running statistics randomised a little, eval mode."""
     num_classes = DENSE_NUM_CLASSES.get(name, NUM_CLASSES)
-    model = create_model(name, num_classes=num_classes, in_channels=INPUT_SHAPES[name][0])
+    if name in VOCAB:
+        model = LSTMText(VOCAB[name], num_classes)
+    else:
+        model = create_model(name, num_classes=num_classes, in_channels=INPUT_SHAPES[name][0])
     with torch.no_grad():
         if name.startswith("vit"):
             # torchvision starts a ViT's head at zero, where no gradient reaches the rest
@@ -337,7 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     torch.manual_seed(SEED)
     model = build_model(args.model, device)
-    x = torch.randn(args.n, *INPUT_SHAPES[args.model], device=device, dtype=torch.float32)
+    if args.model in VOCAB:
+        x = torch.randint(VOCAB[args.model], (args.n, *INPUT_SHAPES[args.model]), device=device)
+    else:
+        x = torch.randn(args.n, *INPUT_SHAPES[args.model], device=device, dtype=torch.float32)
     labels = None
     if args.model in DENSE_NUM_CLASSES:
         shape = (args.n, *INPUT_SHAPES[args.model][1:])

@@ -840,7 +840,7 @@ def test_recurrent_layers_are_exact(cell, case):
     # the batch size equals the sequence length, and (2 layers x 2 directions) the state's dim 0
     n = SEQ if layers * (2 if bidirectional else 1) != 4 else 4
     x = _sequences(n, tokens)
-    _assert_exact(model, x, norms=["per-tensor"], warn=True)
+    _assert_exact(model, x, norms=["per-tensor"])
 
 
 class Squeezing(nn.Module):
@@ -916,10 +916,4 @@ class RecurrentWithState(nn.Module):
 def test_a_recurrent_layer_with_an_initial_state_argument_is_exact():
     torch.manual_seed(0)
     model, x = RecurrentWithState().double(), _sequences(SEQ, tokens=False)
-    _assert_exact(model, x, warn=True)
-    with warnings.catch_warnings(record=True) as caught:  # the LSTM alone falls back
-        warnings.simplefilter("always")
-        per_sample_grad_norms(model, x, entropy_loss)
-    assert not any("whole model" in str(w.message) for w in caught), [
-        str(w.message) for w in caught
-    ]
+    _assert_exact(model, x)  # batched: no fallback at all

@@ -49,6 +49,19 @@ the probe with the fast path off), and torchvision's ``VisionTransformer`` and i
 Position-wise rules (Linear, LayerNorm, Embedding) take the batch from whatever leading dimension
 holds it (a sequence-first [L, N, E] layout), moved to the front.
 
+Recurrent layers (:mod:`.recurrent`). ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` (tanh or relu; any
+number of layers, either direction, ``batch_first`` or not, with or without bias, an initial
+state given or not, which may itself depend on the input) have a composite whose forward is the
+same computation, one layer and direction at a time, keeping what the backward needs, inside an
+autograd function whose backward runs back-propagation through time in a short Python loop over
+the steps and adds every parameter's per-sample squared norms (from the gate pre-activation
+gradients: Gram identity or materialised, as for a Linear over the steps) while the input and
+initial-state gradients flow on; no parameter gradient is formed. The batch is where
+``batch_first`` says (dim 1 of the states). Where nothing upstream requires grad, a tap on a
+tensor made for the purpose and passed to that function makes the backward run it. LSTMs with
+``proj_size > 0`` keep the per-module fallback below; unbatched inputs and dtypes other than
+float32 / float64 the whole-model one, as a PackedSequence.
+
 Exactness guards. The autograd graph is walked to find every trainable parameter the loss reaches;
 each must be owned by a module that ran exactly once and whose rule covered it, and must feed the
 graph through exactly one edge; a parameter of a module without a rule, or of a composite
@@ -61,9 +74,9 @@ without the batch, a PackedSequence, a composite whose layout or input it does n
 an unbatched attention call) makes the chunk fall back to an exact whole-model path with
 one warning: ``torch.func``, or one plain backward pass per sample where torch.func cannot run the
 model (recurrent layers). Modules without a rule get an exact per-module fallback: per-sample
-vector-Jacobian products of that module via ``torch.func`` (vmap), or, for ``nn.LSTM`` / ``nn.GRU``
-/ ``nn.RNN`` (any layers, directions, ``batch_first``; their kernels do not run under vmap) and
-wherever vmap fails, one autograd backward of the module per sample. Every fallback emits
+vector-Jacobian products of that module via ``torch.func`` (vmap), or, for the recurrent layers
+without a batched rule (their kernels do not run under vmap) and wherever vmap fails, one
+autograd backward of the module per sample. Every fallback emits
 :class:`FallbackWarning`; no path returns a number that is not exact.
 """
 
@@ -82,7 +95,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
-from . import attention  # noqa: F401  (registers the attention composites)
+from . import attention, recurrent  # noqa: F401  (register the attention and recurrent composites)
 from .common import LossFn, check_norm, eval_mode, first_output, reduce_squared_norms
 from .composite import Composite
 from .functional import per_sample_grad_norms_functional
