@@ -411,3 +411,36 @@ def test_resnet18_cifar_module_has_four_taps_and_scores_candidates():
     assert scores.shape == (4,) and np.isfinite(scores).all() and len(np.unique(scores)) == 4
     chosen = strategy(ctx, 2)
     assert chosen.tolist() == (np.arange(4, 8)[np.argsort(-scores, kind="stable")[:2]]).tolist()
+
+
+def test_a_vision_transformer_s_token_features_are_averaged_over_the_tokens():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 1, 8, 8, generator=g)
+    pool = tensor_dataset(images, np.arange(8))
+    model = create_model(
+        "vit-small-cifar", num_classes=10, in_channels=1, image_size=8, num_layers=2
+    )
+    strategy = create_strategy("ll4al")
+    aux = strategy.auxiliary(model)
+    assert aux.module.tokens and aux.module.channels == [192, 192]
+    tokens = torch.randn(3, 5, 192, generator=g)  # [B, L, D]: 4 patches and the class token
+    module = aux.module
+    by_hand = module.head(
+        torch.cat([torch.relu(fc(tokens.mean(dim=1))) for fc in module.taps], dim=1)
+    ).squeeze(1)
+    assert torch.allclose(module([tokens, tokens]), by_hand)
+    cfg = TrainConfig(epochs=1, lr=0.01, batch_size=4)
+    fit(model, pool, np.arange(4), cfg, device=torch.device("cpu"), seed=0, auxiliary=aux)
+    ctx = SelectionContext(
+        model=model,
+        pool=pool,
+        candidates=np.arange(4, 8),
+        labeled=np.arange(4),
+        num_classes=10,
+        device=torch.device("cpu"),
+        rng=np.random.default_rng(0),
+        batch_size=4,
+    )
+    scores = strategy.score(ctx)
+    assert scores.shape == (4,) and np.isfinite(scores).all()

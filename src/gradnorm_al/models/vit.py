@@ -23,7 +23,8 @@ from .base import MODELS, TaskModel
 
 class ViT(TaskModel):
     """torchvision's ``VisionTransformer`` with ``heads`` made an identity and its head as
-    ``classifier``; ``blocks`` are the encoder blocks, in order. Parameter for parameter the
+    ``classifier``; ``blocks`` are the encoder blocks, in order (their outputs are tokens
+    [N, L, D]: ``token_features``, which ll4al pools over L). Parameter for parameter the
     torchvision network (with ``num_classes`` outputs and ``in_channels`` input channels).
 
     Its sequence length is fixed by ``image_size``: other input sizes raise ConfigError (set the
@@ -68,6 +69,7 @@ class ViT(TaskModel):
         net.heads = nn.Identity()
         self.net = net
         self.blocks = net.encoder.layers
+        self.token_features = True  # the blocks give [N, L, D], not feature maps [N, C, ...]
         self.feature_dim = hidden_dim
         self.image_size = image_size
 

@@ -111,10 +111,12 @@ def stage_channels(stage: nn.Module) -> int:
 class LossPredictionModule(nn.Module):
     """The loss-prediction module: per tap GAP -> Linear(c, hidden) -> ReLU, concatenated, then
     Linear(taps * hidden, 1). ``forward(features)`` takes one tensor per tap ([B, c, ...] or
-    [B, c]) and returns the predicted losses [B]."""
+    [B, c]; with ``tokens``, [B, L, c] token sequences, averaged over the L tokens, as a
+    transformer's blocks give) and returns the predicted losses [B]."""
 
-    def __init__(self, channels: Sequence[int], hidden: int = 128) -> None:
+    def __init__(self, channels: Sequence[int], hidden: int = 128, tokens: bool = False) -> None:
         super().__init__()
+        self.tokens = bool(tokens)
         self.channels = [int(c) for c in channels]
         self.taps = nn.ModuleList(nn.Linear(c, hidden) for c in self.channels)
         self.head = nn.Linear(len(self.channels) * hidden, 1)
@@ -125,7 +127,10 @@ class LossPredictionModule(nn.Module):
         vectors = []
         for i, (fc, f) in enumerate(zip(self.taps, features, strict=True)):
             # global average pooling: the published AvgPool2d(feature_size) on maps of that size
-            pooled = f.flatten(2).mean(dim=2) if f.dim() > 2 else f
+            if self.tokens and f.dim() == 3:
+                pooled = f.mean(dim=1)  # the average token, as GAP averages positions
+            else:
+                pooled = f.flatten(2).mean(dim=2) if f.dim() > 2 else f
             if pooled.dim() != 2 or pooled.shape[1] != fc.in_features:
                 raise ConfigError(
                     f"ll4al expected {fc.in_features} channels from feature stage {i}, got shape "
@@ -157,7 +162,11 @@ class LossPredictionAuxiliary(Auxiliary):
     ) -> None:
         stages = feature_stages(model)
         ref = next(model.parameters(), None)
-        self.module = LossPredictionModule([stage_channels(s) for s in stages], hidden)
+        self.module = LossPredictionModule(
+            [stage_channels(s) for s in stages],
+            hidden,
+            tokens=bool(getattr(model, "token_features", False)),
+        )
         if ref is not None:
             self.module.to(device=ref.device, dtype=ref.dtype)
         self.margin = margin
