@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 
 import pytest
 import torch
@@ -69,9 +70,9 @@ def test_crops_of_what_is_not_an_image_are_refused_before_the_folder_is_touched(
     )  # fmt: skip
     assert code == 2 and not out.exists()
     assert "augment crop shifts 2-D classification images" in capsys.readouterr().err
-    bundle = load_dataset("subtomograms-sim")
+    volumes = dataclasses.replace(load_dataset("digits"), image_size=(8, 8, 8))  # only the shape
     with pytest.raises(ConfigError, match="is 3-D: use augment dataset or none"):
-        training_augmentation(bundle, "crop-flip")
+        training_augmentation(volumes, "crop-flip")
 
 
 def test_a_run_with_shifts_trains_on_other_batches_and_records_the_option(tmp_path):
