@@ -31,7 +31,9 @@ NORMS = ["tensor-sum", "l2", "per-tensor"]
 EXACT = 1e-12
 
 
-def _assert_exact(model, x, *, norms=NORMS, loss_fn=entropy_loss, chunk_size=None, warn=False):
+def _assert_exact(
+    model, x, *, norms=NORMS, loss_fn=entropy_loss, chunk_size=None, warn=False, rel=EXACT
+):
     per_tensor = per_sample_grad_norms_loop(model, x, loss_fn, norm="per-tensor")
     refs = {
         "per-tensor": per_tensor,
@@ -47,7 +49,7 @@ def _assert_exact(model, x, *, norms=NORMS, loss_fn=entropy_loss, chunk_size=Non
         ]
         ref = refs[norm]
         assert ours.shape == ref.shape and ours.dtype == torch.float64
-        assert_close_to_scale(ours, ref, rel=EXACT, msg=norm)
+        assert_close_to_scale(ours, ref, rel=rel, msg=norm)
         assert ref.sum() > 0
 
 
@@ -265,10 +267,14 @@ def test_embedding_with_repeated_indices_and_padding():
 def test_package_models(name, shape):
     torch.manual_seed(0)
     model = randomise_bn(create_model(name, num_classes=10, in_channels=shape[0])).double()
-    # vgg16's 138M float64 parameters: two samples, the per-tensor norms alone (chunking and the
-    # reductions of the norms are checked on every other model)
-    x = torch.randn(2 if name == "vgg16" else 3, *shape, dtype=torch.float64)
-    _assert_exact(model, x, chunk_size=2, norms=["per-tensor"] if name == "vgg16" else NORMS)
+    if name == "vgg16":
+        # 138M parameters: two samples in float32 against the float32 loop, the per-tensor norms
+        # alone (chunking, float64 exactness and the reductions are checked on every other model)
+        model, x = model.float(), torch.randn(2, *shape)
+        _assert_exact(model, x, chunk_size=2, norms=["per-tensor"], rel=1e-5)
+        return
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    _assert_exact(model, x, chunk_size=2)
 
 
 @pytest.mark.parametrize("name", ["cnn3d", "resnet3d"])
