@@ -216,8 +216,8 @@ def test_influence_table_overlap_is_a_brute_force_count_and_the_command_writes_f
     assert r["overlap"] == len(by_eq3 & by_eq5)
     assert r["target"] == pytest.approx(float(np.mean(t["target"])))
     assert r["chance"] == pytest.approx(15 * 15 / 120)
-    args = ["analyze", "influence", str(run_dir), "--quiet", "--eval-samples", "60"]
-    args += ["--hessian-samples", "40", "--curvature", "gauss-newton"]
+    args = ["analyze", "influence", str(run_dir), "--quiet", "--eval-samples", "30"]
+    args += ["--hessian-samples", "20", "--curvature", "gauss-newton"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "## Table 2" in out and "gauss-newton" in out and "did not converge" not in out
