@@ -4,7 +4,6 @@
 ``tiny-cnn`` registered (a model whose training under DistributedDataParallel equals one
 process's up to the order of floating-point sums).
 
-``python ddp_worker.py clis ARGS... --then ARGS...``: several such commands in one process.
 ``python ddp_worker.py scores MODEL.pt OUT``: score and select with a fixed smallcnn (the weights
 in MODEL.pt) on 300 digits candidates with entropy-gradnorm, entropy and random, evaluate it on
 the test set, and gather a few uneven arrays; each process writes ``OUT/rank<r>.npz``.
@@ -102,27 +101,8 @@ def scores(model_path: str, out: str) -> None:
     distributed.shutdown()
 
 
-def clis(argv: list[str]) -> int:
-    """``gradnorm-al`` once per group of ``argv`` separated by ``--then``, one after the other in
-    this process (each joins and leaves the process group): several commands for the price of
-    one torchrun launch. Each command's exit status is printed; the last one is returned."""
-    groups: list[list[str]] = [[]]
-    for arg in argv:
-        if arg == "--then":
-            groups.append([])
-        else:
-            groups[-1].append(arg)
-    code = 0
-    for group in groups:
-        code = main(group)
-        print(f"exit status {code}", flush=True)
-    return code
-
-
 if __name__ == "__main__":
     register()
     if sys.argv[1] == "cli":
         sys.exit(main(sys.argv[2:]))
-    if sys.argv[1] == "clis":
-        sys.exit(clis(sys.argv[2:]))
     scores(*sys.argv[2:])
