@@ -57,6 +57,34 @@ def _as_float64(x) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x, dtype=np.float64))
 
 
+def engine_against_loop(model, x, *, rel: float, warn: bool = False, chunk_size=None) -> list:
+    """Per-tensor squared-norm check of the batched engine against one backward per sample (the
+    entropy loss): relative L2 error of the whole [N, T] norm matrix below ``rel``, a
+    FallbackWarning exactly when ``warn``. Returns the fallback messages."""
+    import warnings
+
+    from gradnorm_al.pergrad import (
+        FallbackWarning,
+        per_sample_grad_norms,
+        per_sample_grad_norms_loop,
+    )
+    from gradnorm_al.strategies import entropy_loss
+
+    ref = per_sample_grad_norms_loop(model, x, entropy_loss, norm="per-tensor")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = per_sample_grad_norms(
+            model, x, entropy_loss, norm="per-tensor", chunk_size=chunk_size
+        )
+    messages = [str(w.message) for w in caught if issubclass(w.category, FallbackWarning)]
+    assert bool(messages) == warn, messages
+    assert ours.shape == ref.shape and ours.dtype == torch.float64
+    assert ref.norm() > 0
+    diff = float((ours - ref).norm())
+    assert diff <= rel * float(ref.norm()), diff / float(ref.norm())
+    return messages
+
+
 def assert_close_to_scale(
     actual, expected, *, rel: float, scale: float | None = None, msg: object = ""
 ) -> None:

@@ -9,11 +9,11 @@ import warnings
 
 import pytest
 import torch
+from conftest import engine_against_loop
 from torch import nn
 
 from gradnorm_al.models import create_model
-from gradnorm_al.pergrad import FallbackWarning, per_sample_grad_norms, per_sample_grad_norms_loop
-from gradnorm_al.strategies import entropy_loss
+from gradnorm_al.pergrad import FallbackWarning
 
 # tiny networks: several intra-op threads on a busy 2-core machine slow every step (conftest)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,19 +24,7 @@ L, E, HEADS = 4, 8, 2
 
 def _check(model, x, *, warn=False, rel=REL, chunk_size=None):
     """Per-tensor norms of the engine against the loop; returns the engine's warnings."""
-    ref = per_sample_grad_norms_loop(model, x, entropy_loss, norm="per-tensor")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ours = per_sample_grad_norms(
-            model, x, entropy_loss, norm="per-tensor", chunk_size=chunk_size
-        )
-    messages = [str(w.message) for w in caught if issubclass(w.category, FallbackWarning)]
-    assert bool(messages) == warn, messages
-    assert ours.shape == ref.shape and ours.dtype == torch.float64
-    assert ref.norm() > 0
-    err = float((ours - ref).norm() / ref.norm())
-    assert err < rel, err
-    return messages
+    return engine_against_loop(model, x, rel=rel, warn=warn, chunk_size=chunk_size)
 
 
 def _masks(x: torch.Tensor, kind: str | None, src_len: int, heads: int):

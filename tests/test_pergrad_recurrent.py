@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import engine_against_loop
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -193,18 +194,7 @@ def _ids(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def _engine_vs_loop(model, x, warn: bool = False, chunk_size=None, rel: float = EXACT):
-    ref = per_sample_grad_norms_loop(model, x, entropy_loss, norm="per-tensor")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ours = per_sample_grad_norms(
-            model, x, entropy_loss, norm="per-tensor", chunk_size=chunk_size
-        )
-    fallbacks = [str(w.message) for w in caught if issubclass(w.category, FallbackWarning)]
-    assert bool(fallbacks) == warn, fallbacks
-    assert ours.shape == ref.shape and ours.dtype == torch.float64
-    assert ref.sum() > 0
-    assert _rel(ours, ref) < rel
-    return fallbacks
+    return engine_against_loop(model, x, rel=rel, warn=warn, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda c: "-".join(str(int(v)) for v in c))
