@@ -52,9 +52,14 @@ if [ "$what" = analyses ] || [ "$what" = all ]; then
         $GRADNORM_AL analyze topk-overlap "$RUNS/$cell" --out "$reports/$cell/topk-overlap" --quiet
         $GRADNORM_AL analyze generalization-gap "$RUNS/$cell" --out "$reports/$cell/generalization-gap"
     done
-    # the small raw files of every run, committed with the docs
+    # the small raw files of every run and its report, committed with the docs
     for cell in $CELLS; do
         mkdir -p "$here/$cell"
         cp "$RUNS/$cell/results.csv" "$RUNS/$cell/selections.jsonl" "$RUNS/$cell/config.yaml" "$here/$cell/"
+        cp "$reports/$cell/summary.md" "$here/$cell/report.md"
+        cp "$reports/$cell/curves.png" "$here/$cell/"
+        for analysis in topk-overlap/topk_overlap.md generalization-gap/generalization_gap.md; do
+            if [ -f "$reports/$cell/$analysis" ]; then cp "$reports/$cell/$analysis" "$here/$cell/"; fi
+        done
     done
 fi
