@@ -238,7 +238,7 @@ def test_two_process_run_fails_whole_resumes_and_matches_one_process(tiny_cnn, t
     assert not state_path(two, "entropy-gradnorm", 0).exists()
     _assert_same_up_to_tolerance(one, two, 4)  # random's three cycles and entropy's first
 
-    done = _torchrun("cli", "run", "--resume", str(two), "--quiet")
+    done = _two_processes("cli", "run", "--resume", str(two), "--quiet")
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("wrote ") == 1  # rank 0 alone prints (and writes)
     # 41 labelled in batches of 16: the last one split 5 + 4 and weighted; measured here: every
