@@ -60,7 +60,10 @@ VOLUME_BLOCK_BYTES = 64 * 2**20
 BLOCK_BYTES = 4 * 2**20
 
 
-def _use_ghost(ghost_cost: float, materialize_cost: float) -> bool:
+def use_ghost(ghost_cost: float, materialize_cost: float) -> bool:
+    """Whether a rule takes the Gram identity (ghost norm) rather than materialising per-sample
+    gradients, from the two estimated costs (``FORCE_METHOD`` overrides); shared by every rule,
+    the recurrent layers' included."""
     if FORCE_METHOD is not None:
         return FORCE_METHOD == "ghost"
     return ghost_cost < materialize_cost
@@ -125,7 +128,7 @@ def linear_sq_norms(
     if weight:
         if t == 1:
             w_sq = squared_norms(a) * squared_norms(g)
-        elif _use_ghost(t * t * (d_in + d_out), t * d_in * d_out):
+        elif use_ghost(t * t * (d_in + d_out), t * d_in * d_out):
             w_sq = _gram_sum(a, g)
         else:
             w_sq = squared_norms(torch.bmm(g.transpose(1, 2), a))
@@ -448,7 +451,7 @@ def _planar_conv_sq_norms(
         return _im2col_sq_norms(a, g, conv, padding, scale)
     if FORCE_METHOD == "grouped":
         return _grouped_sq_norms(conv, a, g, padding, scale)
-    if _use_ghost(_padded_gram_cost(a, g, conv, padding), length * d * g.shape[1]):
+    if use_ghost(_padded_gram_cost(a, g, conv, padding), length * d * g.shape[1]):
         return _padded_gram_sq_norms(a, _scaled(g, scale), conv, padding)
     if FORCE_METHOD == "materialize":
         return _shifted_window_sq_norms(a, _scaled(g, scale), conv, padding)

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .composite import Composite, CompositeContext, register
-from .layers import _use_ghost, squared_norms
+from .layers import squared_norms, use_ghost
 
 Record = Callable[[str, Tensor], None]
 
@@ -445,7 +445,7 @@ def _weight_sq_norms(a: Tensor, g: Tensor, grams: dict[int, Tensor]) -> Tensor:
     a_n, g_n = a.transpose(0, 1), g.transpose(0, 1)  # [N, T, .]
     if t_len == 1:
         return squared_norms(a[0]) * squared_norms(g[0])
-    if _use_ghost(t_len * t_len * (p + q), t_len * p * q):
+    if use_ghost(t_len * t_len * (p + q), t_len * p * q):
         if id(g) not in grams:
             grams[id(g)] = torch.bmm(g_n, g_n.transpose(1, 2)).flatten(1)
         gram_a = torch.bmm(a_n, a_n.transpose(1, 2)).flatten(1)
