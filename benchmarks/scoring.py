@@ -264,13 +264,21 @@ def make_methods(
         for xb in batches:
             per_sample_grad_norms(model, xb, entropy_loss, chunk_size=batch_size)
 
+    # A recurrent layer without dropout computes the same function in train mode, where a real
+    # training step runs it (on CUDA, cuDNN's RNN backward refuses eval mode).
+    recurrent = [m for m in model.modules() if isinstance(m, nn.RNNBase) and not m.dropout]
+
     def train_step() -> None:
+        for m in recurrent:
+            m.train()
         for i, xb in enumerate(batches):
             if label_batches is None:
                 entropy_loss(model(xb)).sum().backward()
             else:
                 F.cross_entropy(model(xb), label_batches[i]).backward()
             model.zero_grad(set_to_none=True)
+        for m in recurrent:
+            m.eval()
 
     return [
         Method("loop", loop, loop_n),

@@ -315,3 +315,31 @@ class Short(nn.Module):
 def test_one_step_sequences_a_keyword_state_and_a_batch_of_one(cell, n):
     torch.manual_seed(9)
     _engine_vs_loop(Short(cell).double(), torch.randn(n, 1, E, dtype=torch.float64))
+
+
+def test_recurrent_layers_run_without_cudnn_while_scored_and_the_flag_comes_back():
+    """cuDNN's RNN backward refuses eval mode (seen on an H200: the loop and every fallback
+    failed for an LSTM); under ``eval_mode`` recurrent forwards run with cuDNN off, the other
+    layers with it on, and the flag is restored after each, an error included."""
+    from gradnorm_al._torch import eval_mode
+
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(torch.backends.cudnn.enabled)
+            return x
+
+    model = nn.Sequential(Probe(), nn.LSTM(E, H, batch_first=True))
+    before = torch.backends.cudnn.enabled
+    model[1].register_forward_hook(lambda m, a, out: seen.append(torch.backends.cudnn.enabled))
+    with eval_mode(model):
+        model(torch.randn(2, T, E))
+        assert seen == [before, False]
+        assert torch.backends.cudnn.enabled == before
+        with pytest.raises(RuntimeError):
+            model(torch.randn(2, T, E + 1))  # the LSTM raises mid-forward
+        assert torch.backends.cudnn.enabled == before
+    assert model.training  # modes restored
+    model(torch.randn(2, T, E))  # outside: no hook left
+    assert seen[-2:] == [before, before]

@@ -35,17 +35,50 @@ def first_output(out: object) -> torch.Tensor:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode and restore each one's own mode afterwards."""
+    """Put every submodule in eval mode and restore each one's own mode afterwards.
+
+    Meanwhile the model's recurrent layers (``nn.RNNBase``) run without cuDNN: cuDNN's RNN
+    backward refuses eval mode ("cudnn RNN backward can only be called in training mode"), and
+    every caller of this back-propagates in eval mode. CUDA's own kernels compute the same
+    function; cuDNN stays on for every other layer.
+    """
     modes = [(m, m.training) for m in (model.modules() if modules is None else modules)]
-    if not any(mode for _, mode in modes):  # already in eval mode: nothing to change
-        yield model
-        return
-    model.eval()
+    hooks = [
+        hook
+        for m in model.modules()
+        if isinstance(m, nn.RNNBase)
+        for hook in (
+            m.register_forward_pre_hook(_cudnn_off),
+            m.register_forward_hook(_cudnn_back, always_call=True),
+        )
+    ]
     try:
-        yield model
+        if not any(mode for _, mode in modes):  # already in eval mode: nothing to change
+            yield model
+            return
+        model.eval()
+        try:
+            yield model
+        finally:
+            for m, mode in modes:
+                m.training = mode
     finally:
-        for m, mode in modes:
-            m.training = mode
+        for hook in hooks:
+            hook.remove()
+
+
+#: cuDNN's flag before each recurrent forward that ``eval_mode`` switched it off for
+_CUDNN_BEFORE: list[bool] = []
+
+
+def _cudnn_off(module: nn.Module, args: object) -> None:
+    _CUDNN_BEFORE.append(torch.backends.cudnn.enabled)
+    torch.backends.cudnn.enabled = False
+
+
+def _cudnn_back(module: nn.Module, args: object, output: object) -> None:
+    if _CUDNN_BEFORE:
+        torch.backends.cudnn.enabled = _CUDNN_BEFORE.pop()
 
 
 #: the mixed-precision modes of training and scoring: none (the model's dtype) or bfloat16 autocast
