@@ -4,6 +4,8 @@
 ``tiny-cnn`` registered (a model whose training under DistributedDataParallel equals one
 process's up to the order of floating-point sums).
 
+``python ddp_worker.py abort``: join the process group, then rank 1 aborts (SIGABRT).
+
 ``python ddp_worker.py scores MODEL.pt OUT``: score and select with a fixed smallcnn (the weights
 in MODEL.pt) on 300 digits candidates with entropy-gradnorm, entropy and random, evaluate it on
 the test set, and gather a few uneven arrays; each process writes ``OUT/rank<r>.npz``.
@@ -52,6 +54,16 @@ class TinyCNN(TaskModel):
 def register() -> None:
     if "tiny-cnn" not in MODELS:
         MODELS.register("tiny-cnn")(TinyCNN)
+
+
+def abort_on_rank1() -> None:
+    """Join the group, meet once, then rank 1 dies of a native abort (SIGABRT)."""
+    distributed.setup(torch.device("cpu"))
+    distributed.barrier()
+    if distributed.rank() == 1:
+        import os
+
+        os.abort()
 
 
 def scores(model_path: str, out: str) -> None:
@@ -105,4 +117,7 @@ if __name__ == "__main__":
     register()
     if sys.argv[1] == "cli":
         sys.exit(main(sys.argv[2:]))
+    if sys.argv[1] == "abort":
+        abort_on_rank1()
+        sys.exit(0)
     scores(*sys.argv[2:])

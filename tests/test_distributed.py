@@ -252,6 +252,15 @@ def test_two_process_run_fails_whole_resumes_and_matches_one_process(tiny_cnn, t
     assert "already holds a run" in done.stderr
 
 
+def test_a_process_killed_by_a_native_abort_prints_its_python_stack():
+    """Under torchrun, faulthandler is on: a SIGABRT (a C++ std::terminate, say) prints where
+    Python was, not only the signal torchrun reports."""
+    done = _two_processes("abort")
+    assert done.returncode == -6  # rank 1's SIGABRT (rank 0 exits 0)
+    assert "Fatal Python error: Aborted" in done.stderr
+    assert "in abort_on_rank1" in done.stderr
+
+
 OTHERS = """\
 dataset: digits
 pool_size: 200

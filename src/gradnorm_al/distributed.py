@@ -27,6 +27,7 @@ state on disk is the last finished cycle's.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import pickle
 from collections.abc import Callable, Sequence
@@ -80,6 +81,10 @@ def setup(device: torch.device) -> torch.device:
     nothing happens and ``device`` is returned."""
     if not launched():
         return device
+    # a process killed by a fatal signal (a native abort) prints every thread's Python stack:
+    # torchrun itself reports only the signal
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
     if device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local >= torch.cuda.device_count():
@@ -99,17 +104,23 @@ def setup(device: torch.device) -> torch.device:
     return device
 
 
-def shutdown() -> None:
-    """Leave the process group, if this process joined one: after a barrier, so that no process
-    tears its connections down while another still uses them (rank 0 writes the last files after
-    the last collective; a process that left early was seen, once in many test runs, to abort
-    with "terminate called without an active exception")."""
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group, if this process joined one. ``wait``: after a barrier, so that
+    no process tears its connections down while another still uses them (rank 0 writes the last
+    files after the last collective). Without it (after an error: a peer may be gone or stuck)
+    the group is destroyed at once; a process that exits still in the group can abort in its
+    native teardown (the gloo threads outliving the interpreter)."""
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            try:
+                dist.barrier()
+            except Exception:  # noqa: BLE001 - a peer already gone: leave anyway
+                pass
         try:
-            dist.barrier()
-        except Exception:  # noqa: BLE001 - a peer already gone: leave anyway
-            pass
-        dist.destroy_process_group()
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - leaving after an error must not raise another
+            if wait:
+                raise
 
 
 # ------------------------------------------------------------------------------ splitting work

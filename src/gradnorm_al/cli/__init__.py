@@ -53,22 +53,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GradnormALError as exc:
         if distributed.reports(exc):  # under torchrun: an error all processes share, once
             print_error(distributed.label(str(exc)))
-        return EXIT_USAGE
+        code = EXIT_USAGE
     except OSError as exc:  # not one of ours: the operating system refused (disk full, ...)
         where = f" {exc.filename}" if exc.filename else ""
         print_error(distributed.label(f"cannot access{where}: {exc.strerror or exc}"))
-        return EXIT_USAGE
+        code = EXIT_USAGE
     except KeyboardInterrupt:
         print("gradnorm-al: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        code = EXIT_INTERRUPTED
     except Exception as exc:
         if not distributed.launched():
             raise
         if not distributed.lost_peer(exc):  # the cause's traceback; then what it means
             traceback.print_exc()
         print_error(distributed.failure_message(exc))
-        return EXIT_FAILURE
-    distributed.shutdown()
+        code = EXIT_FAILURE
+    else:
+        distributed.shutdown()  # every process got here: meet, then leave
+        return code
+    # an error: leave the process group without waiting for the others (one may be gone); a
+    # process that exits still in the group can abort in its native teardown
+    distributed.shutdown(wait=False)
     return code
 
 
