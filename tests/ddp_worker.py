@@ -13,6 +13,7 @@ the test set, and gather a few uneven arrays; each process writes ``OUT/rank<r>.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import sys
 from pathlib import Path
@@ -29,6 +30,8 @@ CANDIDATES = np.arange(100, 400)  # 300 of the digits pool: 3 batches of 128 (th
 LABELED = np.arange(0, 100)
 STRATEGIES = ("entropy-gradnorm", "entropy", "random")
 K = 25
+#: what a ``cli`` process prints if the interpreter's teardown ran (it must not, in a group)
+FINALIZED = "ddp_worker: interpreter finalized"
 
 
 class TinyCNN(TaskModel):
@@ -116,6 +119,8 @@ def scores(model_path: str, out: str) -> None:
 if __name__ == "__main__":
     register()
     if sys.argv[1] == "cli":
+        # the CLI ends a process of torchrun's group without the interpreter's teardown
+        atexit.register(lambda: print(FINALIZED, file=sys.stderr))
         sys.exit(main(sys.argv[2:]))
     if sys.argv[1] == "abort":
         abort_on_rank1()

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ddp_worker import CANDIDATES, LABELED, STRATEGIES, K, register, scores
+from ddp_worker import CANDIDATES, FINALIZED, LABELED, STRATEGIES, K, register, scores
 
 import gradnorm_al
 from gradnorm_al import ConfigError, create_model, create_strategy
@@ -241,6 +241,8 @@ def test_two_process_run_fails_whole_resumes_and_matches_one_process(tiny_cnn, t
     done = _two_processes("cli", "run", "--resume", str(two), "--quiet")
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("wrote ") == 1  # rank 0 alone prints (and writes)
+    # no process went through the interpreter's teardown, where gloo's threads can abort it
+    assert FINALIZED not in done.stderr
     # 41 labelled in batches of 16: the last one split 5 + 4 and weighted; measured here: every
     # number and selection equal, the selected scores within 5e-5
     _assert_same_up_to_tolerance(one, two, 9)
@@ -250,6 +252,23 @@ def test_two_process_run_fails_whole_resumes_and_matches_one_process(tiny_cnn, t
     assert done.returncode != 0
     assert done.stderr.count("gradnorm-al: error:") == 1
     assert "already holds a run" in done.stderr
+    assert FINALIZED not in done.stderr  # an error ends the processes the same way
+
+
+def test_the_cli_ends_a_process_outside_a_group_through_the_normal_teardown():
+    """The counterpart of the FINALIZED checks above: without torchrun the interpreter's
+    teardown runs (the marker is printed), so its absence there means something."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, str(WORKER), "cli", "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert FINALIZED in done.stderr
 
 
 def test_a_process_killed_by_a_native_abort_prints_its_python_stack():

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit status. A process in torchrun's group ends here (see
+    :func:`gradnorm_al.distributed.exit_process`)."""
     args = build_parser().parse_args(argv)
     try:
         code = COMMANDS[args.command].execute(args)
@@ -70,11 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = EXIT_FAILURE
     else:
         distributed.shutdown()  # every process got here: meet, then leave
-        return code
+        return distributed.exit_process(code)
     # an error: leave the process group without waiting for the others (one may be gone); a
     # process that exits still in the group can abort in its native teardown
     distributed.shutdown(wait=False)
-    return code
+    return distributed.exit_process(code)
 
 
 __all__ = ["build_parser", "main"]
