@@ -15,7 +15,7 @@ from torch import nn
 from gradnorm_al import ConfigError, create_model, create_strategy
 from gradnorm_al.data import tensor_dataset
 from gradnorm_al.loop import LoopConfig
-from gradnorm_al.strategies import SelectionContext, accepted_params
+from gradnorm_al.strategies import accepted_params
 from gradnorm_al.strategies.ll4al import (
     LL4ALStrategy,
     LossPredictionAuxiliary,
@@ -397,16 +397,7 @@ def test_resnet18_cifar_module_has_four_taps_and_scores_candidates():
     cfg = TrainConfig(epochs=1, lr=0.01, batch_size=4)
     fit(model, pool, np.arange(4), cfg, device=torch.device("cpu"), seed=0, auxiliary=aux)
     assert any(not torch.equal(a, b) for a, b in zip(before, aux.module.parameters(), strict=True))
-    ctx = SelectionContext(
-        model=model,
-        pool=pool,
-        candidates=np.arange(4, 8),
-        labeled=np.arange(4),
-        num_classes=10,
-        device=torch.device("cpu"),
-        rng=np.random.default_rng(0),
-        batch_size=4,
-    )
+    ctx = make_context(model, pool, np.arange(4, 8), np.arange(4), batch_size=4)
     scores = strategy.score(ctx)
     assert scores.shape == (4,) and np.isfinite(scores).all() and len(np.unique(scores)) == 4
     chosen = strategy(ctx, 2)
@@ -432,15 +423,6 @@ def test_a_vision_transformer_s_token_features_are_averaged_over_the_tokens():
     assert torch.allclose(module([tokens, tokens]), by_hand)
     cfg = TrainConfig(epochs=1, lr=0.01, batch_size=4)
     fit(model, pool, np.arange(4), cfg, device=torch.device("cpu"), seed=0, auxiliary=aux)
-    ctx = SelectionContext(
-        model=model,
-        pool=pool,
-        candidates=np.arange(4, 8),
-        labeled=np.arange(4),
-        num_classes=10,
-        device=torch.device("cpu"),
-        rng=np.random.default_rng(0),
-        batch_size=4,
-    )
+    ctx = make_context(model, pool, np.arange(4, 8), np.arange(4), batch_size=4)
     scores = strategy.score(ctx)
     assert scores.shape == (4,) and np.isfinite(scores).all()
