@@ -5,15 +5,16 @@
 For each CELL (a folder under docs/fidelity/ holding ``results.csv``): the test accuracy (%)
 per labelled fraction and the AUC, mean ± std over trials, best AUC first; then paired AUC
 differences (percentage points) with the 95% t-interval, the paired t-test's and the exact
-sign-flip permutation p-values and the wins, for every gradnorm strategy against every other
-strategy (or the pairs given). Several cells are merged first (their strategies must not
-overlap; the trials pair by seed). Uses the package's own summary and statistics code, as
-``gradnorm-al report`` does.
+sign-flip permutation p-values and the wins, for every pair with a gradnorm strategy in it (or
+the pairs given), each read better vs worse. Several cells are merged first (their strategies
+must not overlap; the trials pair by seed). Uses the package's own summary and statistics
+code, as ``gradnorm-al report`` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
 from gradnorm_al.experiment.results import read_results
@@ -48,13 +49,7 @@ def main() -> None:
     if args.pairs:
         pairs = [tuple(name(x) for x in p.split(":")) for p in args.pairs.split(",")]
     else:
-        pairs = [
-            (a, b)
-            for a in aucs
-            if "gradnorm" in a
-            for b in aucs
-            if b != a and not ("gradnorm" in b and list(aucs).index(b) < list(aucs).index(a))
-        ]
+        pairs = [p for p in itertools.combinations(aucs, 2) if any("gradnorm" in s for s in p)]
     print("| pair | mean ΔAUC | 95% interval | t-test p | permutation p | wins |")
     print("|---|---|---|---|---|---|")
     for a, b in pairs:

@@ -76,10 +76,6 @@ def is_main() -> bool:
     return rank() == 0
 
 
-#: whether :func:`setup` joined (or found) torchrun's process group in this process
-_JOINED = False
-
-
 def setup(device: torch.device) -> torch.device:
     """Join torchrun's process group (once; gloo on the CPU, nccl on CUDA) and return this
     process's device: ``cuda:LOCAL_RANK`` for a CUDA ``device``, else ``device``. Without torchrun
@@ -100,8 +96,6 @@ def setup(device: torch.device) -> torch.device:
             )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    global _JOINED
-    _JOINED = True
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
@@ -131,9 +125,9 @@ def shutdown(wait: bool = True) -> None:
 
 
 def exit_process(code: int) -> int:
-    """End a process that :func:`setup` put in torchrun's group: flush stdout and stderr, then
-    ``os._exit(code)``, skipping the interpreter's teardown. Call it after :func:`shutdown`.
-    Returns ``code`` (doing nothing) in a process that joined no group.
+    """End a process started by torchrun: flush stdout and stderr, then ``os._exit(code)``,
+    skipping the interpreter's teardown. Call it after :func:`shutdown`. Returns ``code``
+    (doing nothing) in a process torchrun did not start.
 
     Why: gloo's worker threads can release their last work items (and the tensors they hold,
     some owning Python objects) after the main thread has moved on; if that happens while the
@@ -143,7 +137,7 @@ def exit_process(code: int) -> int:
     machine, the core dump showing ``ProcessGroupGloo::runLoop`` destroying an
     ``AsyncBarrierWork``). Every file is written and closed before this point.
     """
-    if not _JOINED:
+    if not launched():
         return code
     for stream in (sys.stdout, sys.stderr):
         try:
