@@ -115,6 +115,25 @@ def test_expected_loss_equals_entropy_and_detached_p_gives_zero_gradient():
     assert_close_to_scale(s_det, torch.zeros_like(s_det), rel=1e-12, scale=s_ent.abs().max())
 
 
+def test_a_tie_between_classes_scores_zero():
+    # dH/dz_j = -p_j (log p_j + H) vanishes when p is uniform over the classes it gives mass to
+    # (docs/fidelity.md, MNIST: why the score ranks near-ties low); a near-tie scores far below
+    # a sample the model leans one way on
+    head = torch.nn.Linear(3, 4).double()
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[0, 0], head.weight[1, 0] = 1.0, -1.0
+        head.bias.copy_(torch.tensor([0.0, 0.0, -80.0, -80.0], dtype=torch.float64))
+    # x[0] = 0: classes 0 and 1 tie (the others ~e-35); 0.01: a near-tie; 1.5: leaning to 0
+    x = torch.tensor([[0.0, 1.0, 2.0], [0.01, 1.0, 2.0], [1.5, 1.0, 2.0]], dtype=torch.float64)
+    scores = gradnorm_scores(head, x, scheme="entropy", norm="l2")
+    grads = [torch.autograd.grad(entropy_loss(head(xi[None]))[0], [*head.parameters()]) for xi in x]
+    reference = torch.stack([torch.cat([g.flatten() for g in gs]).norm() for gs in grads])
+    assert_close_to_scale(scores, reference, rel=EXACT)
+    assert scores[0] < 1e-12 * scores[2]
+    assert scores[1] < 0.05 * scores[2]  # 3% here, linear in the logit gap
+
+
 def test_entropy_is_finite_for_confident_outputs():
     logits = torch.tensor([[1000.0, 0.0, -1000.0], [0.0, 0.0, 0.0]])
     h = entropy_loss(logits)
