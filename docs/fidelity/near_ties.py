@@ -9,8 +9,8 @@ selections), with K its budget, the table gives:
   true-label gradient norm ||grad_theta CE(x, y)|| (Table 1's ranking), by the prediction
   entropy, and by the entropy's gradient norm ||grad_theta H(p(x))|| (entropy-gradnorm's score);
 * the near-ties: candidates whose two largest class probabilities differ by less than 0.1, how
-  many there are, and the median percentile of their entropy-gradnorm score among all the
-  candidates (100: the highest score).
+  many there are, the share of them misclassified, and the median percentile of their
+  entropy-gradnorm score among all the candidates (100: the highest score).
 
 Why near-ties: with z the logits, dH/dz_j = -p_j (log p_j + H), which is zero for every j when
 p is uniform over the classes it gives mass to. A perfect tie therefore has a zero gradient, and
@@ -69,8 +69,23 @@ def cycle_stats(reader: RunReader, strategy: str, trial: int, cycle: int) -> dic
         "wrong_entropy": wrong_share(entropy),
         "wrong_gradnorm": wrong_share(gradnorm),
         "ties": int(ties.sum()),
+        "wrong_ties": float(wrong[ties].mean()) if ties.any() else float("nan"),
         "tie_percentile": float(np.median(percentile[ties])) if ties.any() else float("nan"),
     }
+
+
+def _mean(values: list[float]) -> float:
+    """The mean over the trials that have a value (NaN: a trial without near-ties)."""
+    finite = [v for v in values if not np.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _percent(share: float) -> str:
+    return "—" if np.isnan(share) else f"{100 * share:.0f}%"
+
+
+def _number(value: float) -> str:
+    return "—" if np.isnan(value) else f"{value:.0f}"
 
 
 def main() -> None:
@@ -85,23 +100,24 @@ def main() -> None:
         f"# Which samples {args.strategy} passes over\n\n"
         f"At the kept models of {args.strategy}'s {len(reader.trials(args.strategy))} trials "
         "(mean over them): misclassified share of the top-K candidates by each ranking, and the "
-        f"near-ties (top-2 probability gap < {NEAR_TIE}) with the median percentile of their "
-        "entropy-gradnorm score (100: highest). Made by docs/fidelity/near_ties.py.\n"
+        f"near-ties (top-2 probability gap < {NEAR_TIE}), the share of them misclassified and "
+        "the median percentile of their entropy-gradnorm score (100: highest). "
+        "Made by docs/fidelity/near_ties.py.\n"
     )
     print(
         "| cycle | K / candidates | accuracy on candidates | misclassified in top-K by: "
-        "true-label gradnorm | entropy | entropy-gradnorm | near-ties | their median "
-        "entropy-gradnorm percentile |"
+        "true-label gradnorm | entropy | entropy-gradnorm | near-ties | misclassified among "
+        "them | their median entropy-gradnorm percentile |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for cycle in (int(c) for c in args.cycles.split(",")):
         rows = [cycle_stats(reader, args.strategy, t, cycle) for t in reader.trials(args.strategy)]
-        mean = {key: float(np.nanmean([r[key] for r in rows])) for key in rows[0]}
+        mean = {key: _mean([r[key] for r in rows]) for key in rows[0]}
         print(
             f"| {cycle} | {rows[0]['k']} / {rows[0]['candidates']} | {100 * mean['accuracy']:.1f}% "
             f"| {100 * mean['wrong_true']:.0f}% | {100 * mean['wrong_entropy']:.0f}% "
             f"| {100 * mean['wrong_gradnorm']:.0f}% | {mean['ties']:.1f} "
-            f"| {mean['tie_percentile']:.0f} |"
+            f"| {_percent(mean['wrong_ties'])} | {_number(mean['tie_percentile'])} |"
         )
 
 
