@@ -45,12 +45,14 @@ def cycle_stats(reader: RunReader, strategy: str, trial: int, cycle: int) -> dic
         model, data, candidates, norm=norm, batch_size=batch, task=reader.task, labels=labels
     )
     probs, score = [], []
+    device = next(model.parameters()).device
     for x, _ in iter_batches(data, batch, candidates):
+        x = x.to(device)
         with torch.no_grad():
             probs.append(torch.softmax(model(x), dim=1))
         score.append(per_sample_grad_norms(model, x, entropy_loss, norm=norm, chunk_size=len(x)))
-    p = torch.cat(probs).double().numpy()
-    gradnorm = torch.cat(score).numpy()
+    p = torch.cat(probs).double().cpu().numpy()
+    gradnorm = torch.cat(score).cpu().numpy()
     wrong = p.argmax(1) != labels.numpy()
     entropy = -(p * np.log(np.clip(p, 1e-300, None))).sum(1)
     top2 = np.sort(p, axis=1)[:, -2:]
