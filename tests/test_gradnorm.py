@@ -117,7 +117,7 @@ def test_expected_loss_equals_entropy_and_detached_p_gives_zero_gradient():
 
 def test_a_tie_between_classes_scores_zero():
     # dH/dz_j = -p_j (log p_j + H) vanishes when p is uniform over the classes it gives mass to
-    # (docs/fidelity.md, MNIST: why the score ranks near-ties low); a near-tie scores far below
+    # (docs/fidelity.md, "Which samples gradnorm passes over"); a near-tie scores far below
     # a sample the model leans one way on
     head = torch.nn.Linear(3, 4).double()
     with torch.no_grad():

@@ -30,6 +30,8 @@ from gradnorm_al.analyses.replay import RunReader
 from gradnorm_al.analyses.topk_overlap import true_label_grad_norms
 from gradnorm_al.data.batching import iter_batches
 from gradnorm_al.pergrad import per_sample_grad_norms
+from gradnorm_al.strategies.base import top_k_positions
+from gradnorm_al.strategies.common import entropy
 from gradnorm_al.strategies.gradnorm import entropy_loss
 
 NEAR_TIE = 0.1  # top-2 probability gap below which a candidate counts as a near-tie
@@ -51,24 +53,23 @@ def cycle_stats(reader: RunReader, strategy: str, trial: int, cycle: int) -> dic
         with torch.no_grad():
             probs.append(torch.softmax(model(x), dim=1))
         score.append(per_sample_grad_norms(model, x, entropy_loss, norm=norm, chunk_size=len(x)))
-    p = torch.cat(probs).double().cpu().numpy()
-    gradnorm = torch.cat(score).cpu().numpy()
+    p_tensor = torch.cat(probs).double().cpu()
+    p, gradnorm = p_tensor.numpy(), torch.cat(score).cpu().numpy()
     wrong = p.argmax(1) != labels.numpy()
-    entropy = -(p * np.log(np.clip(p, 1e-300, None))).sum(1)
     top2 = np.sort(p, axis=1)[:, -2:]
     ties = top2[:, 1] - top2[:, 0] < NEAR_TIE
     percentile = 100 * (np.argsort(np.argsort(gradnorm, kind="stable"), kind="stable") + 1)
     percentile = percentile / len(candidates)
 
     def wrong_share(scores: np.ndarray) -> float:
-        return float(wrong[np.argsort(-scores, kind="stable")[:k]].mean())
+        return float(wrong[top_k_positions(scores, k)].mean())
 
     return {
         "k": k,
         "candidates": len(candidates),
         "accuracy": float(1 - wrong.mean()),
         "wrong_true": wrong_share(true),
-        "wrong_entropy": wrong_share(entropy),
+        "wrong_entropy": wrong_share(entropy(p_tensor).numpy()),
         "wrong_gradnorm": wrong_share(gradnorm),
         "ties": int(ties.sum()),
         "wrong_ties": float(wrong[ties].mean()) if ties.any() else float("nan"),
